@@ -1,0 +1,19 @@
+"""preemptible: distributed PyTorch training that survives preemption."""
+
+from preemptible.signal_handler import (
+    DistributedSignalHandler,
+    GatherFuture,
+    all_gather_item,
+    get_device,
+    parse_signals,
+)
+from preemptible.stop import AgreedMax
+
+__all__ = [
+    "AgreedMax",
+    "DistributedSignalHandler",
+    "GatherFuture",
+    "all_gather_item",
+    "get_device",
+    "parse_signals",
+]

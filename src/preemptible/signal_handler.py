@@ -1,0 +1,443 @@
+"""The documented signal-handling API (same names, signatures and meaning), made safe.
+
+Differences from the implementations it is modelled on, each for a reported failure:
+- the installed handler only records state; all work happens at a step boundary;
+- `all_gather_item(..., async_op=True)` never reads results before the collective finished;
+- the device follows the backend of the group actually used, so a gloo side group on an NCCL
+  job agrees on the CPU without a GPU sync;
+- a repeat of the same signal while the first is pending dumps every thread's stack and falls
+  back to the original disposition, so a rank stuck in a collective dies without SIGKILL;
+- a cheap agreed stop decision (`should_stop`) replaces the per-step all_gather.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import types
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from preemptible.stop import AgreedMax
+
+log = logging.getLogger(__name__)
+
+SignalSpec = Any  # signal.Signals | int | str | a list of them
+_ACCEPTED = "a signal.Signals, an int, a name such as 'SIGUSR2' or 'usr2', or a list of those"
+_UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+_WORKING_BACKENDS = "'nccl' (CUDA tensors) and 'gloo' (CPU tensors)"
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# ----------------------------------------------------------------------------- parsing signals
+
+
+def _one_signal(value: Any) -> signal.Signals:
+    if isinstance(value, bool):  # bool is an int: True would silently mean SIGHUP
+        raise ValueError(f"signal {value!r} is a bool; expected {_ACCEPTED}")
+    if isinstance(value, signal.Signals):
+        sig = value
+    elif isinstance(value, int):
+        try:
+            sig = signal.Signals(value)
+        except ValueError:
+            raise ValueError(f"{value} is not a signal number on this system; expected {_ACCEPTED}") from None
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            return _one_signal(int(text))
+        name = text.upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        try:
+            sig = signal.Signals[name]
+        except KeyError:
+            raise ValueError(f"unknown signal name {value!r}; expected {_ACCEPTED}") from None
+    else:
+        raise ValueError(f"signal {value!r} has type {type(value).__name__}; expected {_ACCEPTED}")
+    if sig in _UNCATCHABLE:
+        raise ValueError(f"{sig.name} cannot be caught by any process; choose a catchable signal such as SIGTERM or SIGUSR2")
+    return sig
+
+
+def parse_signals(sig: SignalSpec) -> tuple[signal.Signals, ...]:
+    """Normalise every accepted form to a tuple of distinct `signal.Signals` (or raise ValueError)."""
+    if isinstance(sig, (str, bytes, int, signal.Signals)):
+        items = [sig]
+    elif isinstance(sig, collections.abc.Iterable):
+        items = list(sig)
+        if not items:
+            raise ValueError(f"empty signal list; expected {_ACCEPTED}")
+    else:
+        items = [sig]
+    parsed = tuple(_one_signal(v) for v in items)
+    seen: set[int] = set()
+    for value, s in zip(items, parsed):
+        if s in seen:
+            raise ValueError(f"signal {value!r} ({s.name}) is listed twice; list each signal once")
+        seen.add(s)
+    return parsed
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _backend_device(backend: str, local_rank: Optional[int]) -> torch.device:
+    # A multi-device backend string ("cpu:gloo,cuda:nccl") can reduce CPU tensors: prefer them.
+    parts = dict(p.split(":", 1) for p in backend.split(",") if ":" in p)
+    if parts.get("cpu") == "gloo" or backend == "gloo":
+        return torch.device("cpu")
+    if parts.get("cuda") == "nccl" or backend == "nccl":
+        return torch.device("cuda") if local_rank is None else torch.device(f"cuda:{local_rank}")
+    raise RuntimeError(
+        f"unsupported torch.distributed backend {backend!r}: preemptible works with {_WORKING_BACKENDS}"
+    )
+
+
+def get_device(local_rank: Optional[int] = None, *, group: Optional["dist.ProcessGroup"] = None) -> torch.device:
+    """Get the appropriate torch device based on the distributed backend.
+
+    `cuda:{local_rank}` (or `cuda`) for NCCL, `cpu` for gloo; the backend is the one of
+    `group` (extension; the default group when None). `cpu` when torch.distributed is not
+    initialized, since nothing is communicated then. RuntimeError names any other backend.
+    """
+    if not _dist_ready():
+        return torch.device("cpu")
+    return _backend_device(str(dist.get_backend(group)), local_rank)
+
+
+def _to_python(value: Any, like: Any) -> Any:
+    for kind in (bool, int, float):
+        if type(like) is kind:
+            return kind(value)
+    return value
+
+
+class GatherFuture(collections.abc.Sequence):
+    """What `all_gather_item(..., async_op=True)` returns: a sequence that waits before it is read.
+
+    `wait()` blocks until the collective finished and returns the list; indexing, iterating,
+    `len()` and `==` wait first, so the result can never be read early.
+    """
+
+    def __init__(self, work: Any, tensors: list[torch.Tensor], like: Any):
+        self._work, self._tensors, self._like = work, tensors, like
+        self._values: Optional[list] = None
+
+    def is_completed(self) -> bool:
+        return self._values is not None or self._work is None or self._work.is_completed()
+
+    def wait(self) -> list:
+        if self._values is None:
+            if self._work is not None:
+                self._work.wait()
+            self._values = [_to_python(t.item(), self._like) for t in self._tensors]
+        return self._values
+
+    def __getitem__(self, index):
+        return self.wait()[index]
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __eq__(self, other) -> bool:
+        return self.wait() == (list(other) if isinstance(other, collections.abc.Sequence) else other)
+
+    def __repr__(self) -> str:
+        return f"GatherFuture({self._values!r})" if self._values is not None else "GatherFuture(<pending>)"
+
+
+def all_gather_item(
+    item: Any,
+    dtype: torch.dtype,
+    group: Optional["dist.ProcessGroup"] = None,
+    async_op: bool = False,
+    local_rank: Optional[int] = None,
+) -> list[Any]:
+    """Perform an all_gather operation on a single Python object.
+
+    One element per rank of `group` (the global group by default), converted back to the
+    item's Python type (bools stay bools). `[item]` when torch.distributed is not initialized.
+    With `async_op=True` returns a `GatherFuture`: it waits for the collective before any
+    value is read.
+    """
+    if not _dist_ready():
+        return GatherFuture(None, [torch.tensor([item], dtype=dtype)], item) if async_op else [item]
+    device = get_device(local_rank, group=group)
+    mine = torch.tensor([item], dtype=dtype, device=device)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    work = dist.all_gather(out, mine, group=group, async_op=async_op)
+    future = GatherFuture(work if async_op else None, out, item)
+    return future if async_op else future.wait()
+
+
+# ----------------------------------------------------------------------------- the handler
+
+
+def _resolve_group(spec: Any) -> Optional["dist.ProcessGroup"]:
+    """Build the group the handler agrees on; called on every rank once dist is initialized."""
+    if spec is None or spec in ("world", "default"):
+        return None
+    if isinstance(spec, str):
+        return dist.new_group(backend=spec)
+    if isinstance(spec, dist.ProcessGroup):
+        return spec
+    if callable(spec):  # a Hydra `_partial_` factory such as torch.distributed.new_group
+        return spec()
+    raise ValueError(
+        f"group {spec!r} is not usable; expected None/'world', a backend name such as 'gloo', "
+        "a ProcessGroup, or a factory (Hydra `_partial_: true` node)"
+    )
+
+
+def _check_group_spec(spec: Any) -> None:
+    if spec is None or isinstance(spec, (str, dist.ProcessGroup)) or callable(spec):
+        return
+    _resolve_group(spec)  # raises the descriptive ValueError
+
+
+def _reset_to_default_and_raise(signum: int) -> None:
+    """From any thread: make `signum` fatal again at the C level and deliver it to ourselves."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.signal(signum, 0)  # SIG_DFL
+        os.kill(os.getpid(), signum)
+        time.sleep(5)
+    finally:
+        os._exit(128 + signum)
+
+
+class DistributedSignalHandler:
+    """Context manager to handle signals gracefully in a distributed setting.
+
+    Installs a handler on enter that only records which signal arrived and when;
+    `signals_received()` all-gathers the per-rank flags (the documented, per-call collective);
+    `should_stop()` is the cheap agreed decision a training loop calls every step.
+
+    Keyword extensions (all optional, every documented call works unchanged):
+      group:      None (world), a ProcessGroup, a backend name ('gloo' builds a side group), or a
+                  factory called once dist is initialized (Hydra `_partial_`); built in
+                  `__enter__` (or first use), the same way on every rank.
+      local_rank: passed to `get_device` for NCCL groups.
+      chain:      also call the previous Python-level handler after recording.
+      escalate:   a repeat of the same signal more than `escalate_after` seconds after the first,
+                  while still pending, dumps all stacks and falls back to the original disposition.
+      check_every, pipelined: how `should_stop()` reduces (see `preemptible.stop.AgreedMax`).
+    """
+
+    def __init__(
+        self,
+        sig: SignalSpec = signal.SIGTERM,
+        *,
+        group: Any = None,
+        local_rank: Optional[int] = None,
+        chain: bool = False,
+        escalate: bool = True,
+        escalate_after: float = 1.0,
+        check_every: int = 1,
+        pipelined: bool = True,
+    ):
+        self.signals = parse_signals(sig)
+        self.sig = sig
+        _check_group_spec(group)
+        if local_rank is not None and (isinstance(local_rank, bool) or not isinstance(local_rank, int) or local_rank < 0):
+            raise ValueError(f"local_rank={local_rank!r}; expected a non-negative int or None")
+        if escalate_after < 0:
+            raise ValueError(f"escalate_after={escalate_after!r}; expected seconds >= 0")
+        self._group_spec = group
+        self._group: Optional[dist.ProcessGroup] = None
+        self._group_built = False
+        self.local_rank = local_rank
+        self.chain = chain
+        self.escalate = escalate
+        self.escalate_after = float(escalate_after)
+        self._vote = AgreedMax(every=check_every, pipelined=pipelined)
+        self._installed = False
+        self.released = True
+        self._original: dict[int, Any] = {}
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.received: list[tuple[int, float]] = []  # (signum, wall time) in arrival order
+        self._first_seen: dict[int, float] = {}
+        self._old_wakeup_fd = -1
+        self._watcher: Optional[threading.Thread] = None
+        self._socks: Optional[tuple[socket.socket, socket.socket]] = None
+
+    # -- group -----------------------------------------------------------------------------
+
+    @property
+    def group(self) -> Optional["dist.ProcessGroup"]:
+        if not self._group_built and _dist_ready():
+            self._group = _resolve_group(self._group_spec)
+            self._group_built = True
+            self._vote.group = self._group
+            self._vote.device = get_device(self.local_rank, group=self._group)
+        return self._group
+
+    # -- install / release -----------------------------------------------------------------
+
+    def __enter__(self) -> "DistributedSignalHandler":
+        if self._installed:
+            raise RuntimeError("DistributedSignalHandler entered twice; release() it before entering again")
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(
+                "DistributedSignalHandler must be entered from the main thread "
+                "(Python only runs signal handlers there)"
+            )
+        self._reset_state()
+        self._vote.reset()
+        installed: list[int] = []
+        try:
+            for s in self.signals:
+                self._original[s] = signal.getsignal(s)
+                signal.signal(s, self._handle)
+                installed.append(s)
+        except BaseException:
+            for s in installed:  # roll back: leave the process as we found it
+                signal.signal(s, self._original[s])
+            self._original.clear()
+            raise
+        self._installed = True
+        self.released = False
+        if self.escalate:
+            self._start_watcher()
+        _ = self.group  # build a side group now, while every rank is at the same point
+        return self
+
+    def __exit__(self, exc_type: Optional[type], exc_val: BaseException | None, exc_tb: types.TracebackType | None) -> None:
+        self.release()
+
+    def release(self) -> bool:
+        """Restore the original signal handlers; True if released now, False if already released."""
+        if self.released:
+            return False
+        self._vote.drain()
+        for s, original in self._original.items():
+            signal.signal(s, original if original is not None else signal.SIG_DFL)
+        self._original.clear()
+        self._stop_watcher()
+        self._installed = False
+        self.released = True
+        return True
+
+    # -- what the handler records ----------------------------------------------------------
+
+    def _handle(self, signum: int, frame: Optional[types.FrameType]) -> None:
+        now = time.time()
+        self.received.append((signum, now))
+        first = self._first_seen.setdefault(signum, now)
+        if self.escalate and self._watcher is None and now - first > self.escalate_after:
+            self._escalate(signum)
+        original = self._original.get(signum)
+        if self.chain and callable(original):
+            original(signum, frame)
+
+    def _start_watcher(self) -> None:
+        # The C-level handler writes each delivery to the wakeup fd even while the main thread
+        # is stuck in a collective, where no Python handler can run: a thread sees it there.
+        rsock, wsock = socket.socketpair()
+        wsock.setblocking(False)
+        try:
+            old = signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            rsock.close(), wsock.close()
+            return
+        if old != -1:  # someone (asyncio) owns it: keep theirs, escalate from the handler instead
+            signal.set_wakeup_fd(old)
+            rsock.close(), wsock.close()
+            return
+        self._socks = (rsock, wsock)
+        self._watcher = threading.Thread(target=self._watch, args=(rsock,), name="preemptible-signal-watch", daemon=True)
+        self._watcher.start()
+
+    def _stop_watcher(self) -> None:
+        if self._socks is None:
+            return
+        signal.set_wakeup_fd(-1)
+        rsock, wsock = self._socks
+        wsock.close()
+        try:
+            rsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        rsock.close()
+        self._socks, self._watcher = None, None
+
+    def _watch(self, rsock: socket.socket) -> None:
+        first: dict[int, float] = {}
+        while True:
+            try:
+                data = rsock.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            now = time.time()
+            for signum in data:
+                if signum not in self.signals:
+                    continue
+                seen = first.setdefault(signum, now)
+                if now - seen > self.escalate_after:
+                    self._escalate(signum)
+
+    def _escalate(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        original = self._original.get(signum)
+        sys.stderr.write(
+            f"preemptible: {name} received again while the first is still pending "
+            f"(pid {os.getpid()}); stacks of every thread follow, then the original disposition\n"
+        )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        if original is signal.SIG_IGN:
+            return
+        _reset_to_default_and_raise(signum)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def local_signal(self) -> int:
+        """The first signal this rank received since enter, 0 if none."""
+        return self.received[0][0] if self.received else 0
+
+    def signals_received(self) -> list[bool]:
+        """Check if any rank in the group received the signal (one all_gather; documented API)."""
+        self._vote.drain()
+        return all_gather_item(bool(self.received), torch.int32, group=self.group, local_rank=self.local_rank)
+
+    def signals_by_rank(self) -> list[int]:
+        """Per rank, the first signal number it received (0 if none). One all_gather: for logs."""
+        self._vote.drain()
+        return all_gather_item(self.local_signal(), torch.int32, group=self.group, local_rank=self.local_rank)
+
+    def should_stop(self) -> bool:
+        """The agreed stop decision: same answer on every rank at the same call, sticky once True.
+
+        Call it at the same point of every step on every rank. It costs one small MAX
+        reduction every `check_every` calls; pipelined, the reduction started at one call is
+        read at the next, so the loop never waits on it (latency: `check_every` steps).
+        """
+        _ = self.group
+        return self._vote(self.local_signal()) != 0
+
+    def stop_signal(self) -> int:
+        """The largest signal number any rank reported by the last agreed decision (0 if none)."""
+        return self._vote.value
