@@ -1,0 +1,253 @@
+"""The one place that writes and reads checkpoints (torch.distributed.checkpoint, DCP).
+
+A checkpoint counts only when committed: every rank's files are written and fsync'd (DCP's
+FileSystemWriter), `.metadata` exists, rank 0 has written a `COMMITTED` marker listing every file
+with its size, and renamed `step_N.partial/` to `step_N/`. `latest` is replaced atomically after
+that. Older ones are pruned only after a newer one is committed. Resume takes the newest valid
+checkpoint and says what it skipped and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from preemptible.distributed import barrier, broadcast_object, is_distributed
+from preemptible.errors import ConfigError
+
+log = logging.getLogger(__name__)
+# DCP says this on every single-process save/load; single process is a supported mode here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+COMMIT = "COMMITTED"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def step_of(path: Path) -> Optional[int]:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for a DCP failure: the first failing rank's own exception, not DCP's wrapper."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        rank, (exc, _) = sorted(failures.items(), key=lambda kv: kv[0])[0]
+        return f"{type(exc).__name__} on rank {rank}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def why_invalid(path: Path) -> Optional[str]:
+    """None if `path` is a committed, complete checkpoint; otherwise the reason it is not."""
+    if not path.is_dir():
+        return "not a directory"
+    marker = path / COMMIT
+    if not marker.is_file():
+        return f"no {COMMIT} marker (the save did not finish)"
+    try:
+        info = json.loads(marker.read_text())
+        files = dict(info["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {COMMIT} marker ({e})"
+    if ".metadata" not in files:
+        return "the commit marker lists no .metadata"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is {f.stat().st_size} bytes, the commit says {size} (truncated or changed)"
+    return None
+
+
+class Checkpointer:
+    """Save, commit, prune and find checkpoints under `dir` (default: `<run dir>/checkpoints`).
+
+    interval: save every N steps (0: only on a stop signal and at the end).
+    keep:     committed checkpoints kept (>= 1); older ones pruned after a newer commit.
+    resume:   'auto' (newest valid one, if any), 'never', or a checkpoint directory path.
+    """
+
+    def __init__(self, dir: Optional[str] = None, interval: int = 100, keep: int = 2, resume: str = "auto"):
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+            raise ConfigError(f"checkpoint.interval={interval!r}; expected an int >= 0 (0 = only on stop and at the end)")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ConfigError(f"checkpoint.keep={keep!r}; expected an int >= 1 (the newest committed checkpoints kept)")
+        if not isinstance(resume, str) or not resume:
+            raise ConfigError(f"checkpoint.resume={resume!r}; expected auto, never or a checkpoint directory")
+        self.dir, self.interval, self.keep, self.resume = dir, interval, keep, resume
+        self.root: Optional[Path] = None
+        self.rank = 0
+        self.last_committed_step: Optional[int] = None
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def setup(self, run_dir: str, rank: int) -> "Checkpointer":
+        """Bind to the run directory and prove it is writable, on every rank (so errors are symmetric)."""
+        self.rank = rank
+        self.root = Path(self.dir) if self.dir else Path(run_dir) / "checkpoints"
+        probe = self.root / f".write-probe-rank{rank}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"checkpoint.dir={str(self.root)!r} is not writable ({e.strerror}); "
+                              "choose a writable directory with checkpoint.dir=PATH") from None
+        return self
+
+    def due(self, step: int) -> bool:
+        return self.interval > 0 and step % self.interval == 0
+
+    def path_for(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    # -- finding ---------------------------------------------------------------------------
+
+    def committed(self) -> list[Path]:
+        """Valid checkpoints, newest first."""
+        return [p for p, why in self._scan() if why is None]
+
+    def _scan(self) -> list[tuple[Path, Optional[str]]]:
+        dirs = [p for p in self.root.iterdir() if step_of(p) is not None] if self.root.is_dir() else []
+        return [(p, why_invalid(p)) for p in sorted(dirs, key=step_of, reverse=True)]
+
+    def newest_valid(self) -> Optional[Path]:
+        latest = self.root / LATEST
+        if latest.exists():
+            name = latest.read_text(errors="replace").strip()
+            if step_of(Path(name)) is None or not (self.root / name).is_dir():
+                log.warning("checkpoint: ignoring %s: it names %r, not a checkpoint directory here", latest, name[:80])
+        for path, why in self._scan():
+            if why is None:
+                return path
+            log.warning("checkpoint: skipping %s: %s", path, why)
+        return None
+
+    def resume_path(self) -> Optional[Path]:
+        """Where to resume from, decided by rank 0 and the same on every rank; ConfigError if invalid."""
+        decision: Any = None
+        if self.rank == 0:
+            try:
+                decision = self._decide()
+            except ConfigError as e:
+                decision = e
+        decision = broadcast_object(decision)
+        if isinstance(decision, ConfigError):
+            raise decision
+        return Path(decision) if decision else None
+
+    def _decide(self) -> Optional[str]:
+        if self.resume == "never":
+            return None
+        if self.resume == "auto":
+            found = self.newest_valid()
+            return str(found) if found else None
+        path = Path(self.resume)
+        why = why_invalid(path)
+        if why:
+            raise ConfigError(f"checkpoint.resume={self.resume!r} is not a valid checkpoint: {why}; "
+                              "use checkpoint.resume=auto to take the newest valid one")
+        return str(path)
+
+    # -- reading and writing ----------------------------------------------------------------
+
+    def load(self, path: Path, state: dict[str, Any]) -> None:
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as e:  # shape/key mismatches surface here, wrapped by DCP
+            raise ConfigError(f"checkpoint {str(path)!r} does not fit this model/run: {describe_failure(e)}") from None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Collective: every rank calls it; returns once the checkpoint is committed."""
+        final = self.path_for(step)
+        if self.last_committed_step == step:
+            return final  # this exact state is already durable
+        partial = final.with_name(final.name + ".partial")
+        if self.rank == 0 and partial.exists():
+            shutil.rmtree(partial)  # a torn earlier attempt at the same step
+        barrier()
+        writer = dcp.FileSystemWriter(str(partial), sync_files=True)
+        dcp.save(state, storage_writer=writer)  # returns after .metadata is written by the coordinator
+        if self.rank == 0:
+            self._commit(partial, final, step)
+        barrier()
+        self.last_committed_step = step
+        return final
+
+    def _commit(self, partial: Path, final: Path, step: int) -> None:
+        files = {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file()}
+        world = dist.get_world_size() if is_distributed() else 1
+        _write_atomic(partial / COMMIT, json.dumps({"step": step, "world_size": world, "time": time.time(),
+                                                    "files": files}))
+        if final.exists():  # an older run's checkpoint at the same step (resume=never): replace it
+            old = final.with_name(final.name + ".replaced")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(partial, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(partial, final)
+        _fsync_path(self.root)
+        _write_atomic(self.root / LATEST, final.name + "\n")
+        self._prune(final)
+
+    def _prune(self, newest: Path) -> None:
+        for path in self.committed()[self.keep:]:
+            shutil.rmtree(path, ignore_errors=True)
+        for stale in self.root.glob("step_*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+        log.debug("checkpoint: committed %s", newest)
+
+
+def load_model_weights(model: Any, path: str) -> None:
+    """`model.init_from`: weights from one of our checkpoint directories or a torch.save'd state dict."""
+    import torch
+
+    p = Path(path)
+    try:
+        if p.is_dir():
+            why = why_invalid(p)
+            if why:
+                raise ConfigError(f"model.init_from={path!r} is not a valid checkpoint: {why}")
+            state = {"model_optim": {"model": model.state_dict()}}
+            dcp.load(state, checkpoint_id=str(p))
+            model.load_state_dict(state["model_optim"]["model"])
+        elif p.is_file():
+            model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+        else:
+            raise ConfigError(f"model.init_from={path!r} does not exist; give a checkpoint directory or a .pt state dict")
+    except ConfigError:
+        raise
+    except (Exception, CheckpointException) as e:
+        raise ConfigError(f"model.init_from={path!r} does not fit the model: {describe_failure(e)}") from None

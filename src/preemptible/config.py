@@ -1,0 +1,26 @@
+"""Hydra chooses and wires; these helpers turn its failures into one line a user can act on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from preemptible.errors import ConfigError
+
+
+def build(cfg: DictConfig, key: str, **runtime: Any) -> Any:
+    """Instantiate `cfg[key]` (None if the group is unset or null) with runtime objects passed in."""
+    node = cfg.get(key)
+    if node is None:
+        return None
+    try:
+        return instantiate(node, **runtime)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise ConfigError(f"{key}: {message}") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key}: {e}") from None

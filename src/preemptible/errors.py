@@ -1,0 +1,5 @@
+"""Errors a user can fix: the recipe prints them as one line and exits non-zero."""
+
+
+class ConfigError(ValueError):
+    """A bad value in the configuration or on disk; the message names it and the fix."""

@@ -1,0 +1,106 @@
+"""Byte-level text that exists on every machine (the stdlib's sources), in a resumable order.
+
+Data position is saved with torchdata's StatefulDataLoader and StatefulDistributedSampler: the
+maintained way to resume mid-epoch without hand-written skipping.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+import warnings
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+from preemptible.errors import ConfigError
+
+# torchdata calls a torch API that torch deprecated; the warning says nothing actionable to users.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+def stdlib_files() -> list[str]:
+    """The running Python's standard-library sources, in a fixed order."""
+    return sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+
+
+class ByteWindows(Dataset):
+    """Non-overlapping windows of `block_size + 1` bytes: (input, next-byte targets)."""
+
+    def __init__(self, paths: Optional[Sequence[str]] = None, block_size: int = 128, max_bytes: int = 4_000_000):
+        files = list(paths) if paths else stdlib_files()
+        chunks, total = [], 0
+        for path in files:
+            if not os.path.isfile(path):
+                raise ConfigError(f"data.paths: {path!r} is not a file; give paths of text files")
+            with open(path, "rb") as f:
+                data = f.read(max(0, max_bytes - total))
+            chunks.append(data)
+            total += len(data)
+            if total >= max_bytes:
+                break
+        data = b"".join(chunks)
+        if len(data) < 2 * (block_size + 1):
+            raise ConfigError(
+                f"data.paths: {len(data)} bytes of text in {files[:3]}{'...' if len(files) > 3 else ''}; "
+                f"need at least {2 * (block_size + 1)} (two windows of model.block_size+1)"
+            )
+        self.data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self.block_size = block_size
+
+    def __len__(self) -> int:
+        return (len(self.data) - 1) // (self.block_size + 1)
+
+    def __getitem__(self, i: int):
+        w = self.data[i * (self.block_size + 1): (i + 1) * (self.block_size + 1)].long()
+        return w[:-1], w[1:]
+
+
+class Batches:
+    """An endless, resumable stream of batches for one rank: epochs follow one another."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int = 0):
+        if len(dataset) < batch_size * world_size:
+            raise ConfigError(
+                f"data: {len(dataset)} windows cannot fill one batch of data.batch_size={batch_size} "
+                f"on each of {world_size} ranks; add text or lower data.batch_size"
+            )
+        self.sampler = StatefulDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
+        # run's dropout would differ from an uninterrupted one.
+        self.loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+                                         num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+        self.epoch = 0
+        self._it: Optional[Iterator] = None
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                self.sampler.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self.epoch += 1
+                self._it = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.sampler.set_epoch(self.epoch)
+        self.loader.load_state_dict(state["loader"])
+        self._it = None
+
+
+def make_batches(rank: int, world_size: int, seed: int, paths: Optional[Sequence[str]] = None, block_size: int = 128,
+                 max_bytes: int = 4_000_000, batch_size: int = 16, num_workers: int = 0) -> Batches:
+    """The `data` config group's target: text -> windows -> this rank's resumable batches."""
+    dataset = ByteWindows(paths, block_size=block_size, max_bytes=max_bytes)
+    return Batches(dataset, batch_size, rank, world_size, seed, num_workers=num_workers)

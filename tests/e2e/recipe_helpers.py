@@ -1,0 +1,107 @@
+"""Drive the real recipe in real processes (python or torchrun) and read what it leaves behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from distributed_helpers import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "finetune.py"
+# Small enough that a step is milliseconds on 2 oversubscribed cores.
+TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=4",
+        "data.max_bytes=200000", "trainer.log_every=1", "lr_schedule.warmup_steps=5"]
+
+
+def command(run_dir, *overrides, nproc=1, nnodes=1, node_rank=0, port=None):
+    args = [str(RECIPE), f"hydra.run.dir={run_dir}", *TINY, *overrides]
+    if nproc == 1 and nnodes == 1:
+        return [sys.executable, *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nnodes == 1:
+        launcher += ["--standalone"]
+    else:
+        launcher += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv_backend=c10d",
+                     f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test"]
+    return launcher + args
+
+
+def start(run_dir, *overrides, nproc=1, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(command(run_dir, *overrides, nproc=nproc, **kw), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def run(run_dir, *overrides, nproc=1, timeout=240, **kw):
+    proc = start(run_dir, *overrides, nproc=nproc, **kw)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def rows(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir):
+    """step -> loss; after a crash a step may appear twice: the later line is the one that counts."""
+    return {r["step"]: r["loss"] for r in rows(run_dir) if "event" not in r}
+
+
+def events(run_dir, name=None):
+    return [r for r in rows(run_dir) if "event" in r and (name is None or r["event"] == name)]
+
+
+def wait_for_step(run_dir, step, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = losses(run_dir)
+        if done and max(done) >= step:
+            return max(done)
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited ({proc.returncode}) before step {step}:\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached in {timeout}s")
+
+
+def children(pid):
+    """Direct child PIDs (torchrun's workers), from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(c) for c in text]
+    return found
+
+
+def worker_pids_by_rank(agent_pid, world, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ranks = {}
+        for child in children(agent_pid):
+            try:
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for item in environ:
+                if item.startswith(b"RANK="):
+                    ranks[int(item[5:])] = child
+        if len(ranks) == world:
+            return ranks
+        time.sleep(0.1)
+    raise TimeoutError("workers not found")
+
+
+def interrupt_at(run_dir, step, *overrides, sig=signal.SIGTERM, nproc=1, rank=None, timeout=240):
+    """Start a run, send `sig` once it has logged `step` (to one worker if `rank` is given)."""
+    proc = start(run_dir, *overrides, nproc=nproc)
+    target = proc.pid if rank is None else worker_pids_by_rank(proc.pid, nproc)[rank]
+    wait_for_step(run_dir, step, proc)
+    os.kill(target, sig)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out

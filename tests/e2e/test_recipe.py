@@ -1,0 +1,159 @@
+"""The reference recipe end to end: real processes, real signals, real checkpoints on disk."""
+
+import re
+import shutil
+import signal
+
+import pytest
+
+from distributed_helpers import free_port
+from recipe_helpers import events, interrupt_at, losses, run, start
+
+pytestmark = pytest.mark.slow
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs, the yardstick: {nproc: run_dir}."""
+    out = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path_factory.mktemp(f"full{nproc}")
+        code, log = run(run_dir, f"trainer.max_steps={STEPS}", nproc=nproc)
+        assert code == 0, log
+        out[nproc] = run_dir
+    return out
+
+
+def assert_same_run(resumed, reference):
+    done, ref = events(resumed, "done"), events(reference, "done")
+    assert done and done[-1]["params_sha256"] == ref[-1]["params_sha256"]
+    assert losses(resumed) == losses(reference)  # every step, exact floats
+    assert sorted(losses(resumed)) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, reference, nproc):
+    code, log = interrupt_at(tmp_path, 17, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", nproc=nproc)
+    preempted = events(tmp_path, "preempted")
+    assert preempted and preempted[0]["signal"] == "SIGTERM", log
+    assert 17 <= preempted[0]["step"] < STEPS
+    assert (code == 143) if nproc == 1 else code != 0
+    code, log = run(tmp_path, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", nproc=nproc)
+    assert code == 0, log
+    resumed = events(tmp_path, "resumed")
+    assert resumed and resumed[0]["step"] == preempted[0]["step"]
+    assert_same_run(tmp_path, reference[nproc])
+
+
+def test_signal_to_one_torchrun_worker_stops_every_rank_at_the_same_step(tmp_path, reference):
+    code, log = interrupt_at(tmp_path, 12, f"trainer.max_steps={STEPS}", nproc=2, rank=1)
+    stops = re.findall(r"\[rank (\d)\].*stop agreed at step (\d+)", log)
+    assert {r for r, _ in stops} == {"0", "1"}, log
+    assert len({s for _, s in stops}) == 1, stops
+    preempted = events(tmp_path, "preempted")[0]
+    assert preempted["ranks"] == {"1": "SIGTERM"} and str(preempted["step"]) == stops[0][1]
+    code, log = run(tmp_path, f"trainer.max_steps={STEPS}", nproc=2)
+    assert code == 0, log
+    assert_same_run(tmp_path, reference[2])
+
+
+def test_sigusr2_from_the_command_line(tmp_path):
+    code, log = interrupt_at(tmp_path, 5, "trainer.max_steps=400", "signal_handler.sig=SIGUSR2", sig=signal.SIGUSR2)
+    assert code == 128 + signal.SIGUSR2, log
+    assert events(tmp_path, "preempted")[0]["signal"] == "SIGUSR2"
+    assert "stopped at step" in log
+
+
+def test_handler_disabled_with_null(tmp_path):
+    code, log = interrupt_at(tmp_path, 5, "trainer.max_steps=400", "signal_handler=null")
+    assert code == -signal.SIGTERM
+    assert not events(tmp_path, "preempted")
+
+
+def test_exit_code_is_configurable(tmp_path):
+    code, _ = interrupt_at(tmp_path, 5, "trainer.max_steps=400", "trainer.exit_code_on_stop=0")
+    assert code == 0 and events(tmp_path, "preempted")
+
+
+def test_uncommitted_and_partial_directories_are_never_loaded(tmp_path):
+    code, log = run(tmp_path, "trainer.max_steps=20", "checkpoint.interval=10")
+    assert code == 0, log
+    ckpts = tmp_path / "checkpoints"
+    torn = ckpts / "step_00000030"
+    shutil.copytree(ckpts / "step_00000020", torn)
+    (torn / "COMMITTED").unlink()  # a save that died before its commit
+    shutil.copytree(ckpts / "step_00000020", ckpts / "step_00000040.partial")
+    (ckpts / "latest").write_text("step_00000030\n")
+    code, log = run(tmp_path, "trainer.max_steps=25", "checkpoint.interval=10")
+    assert code == 0, log
+    assert events(tmp_path, "resumed")[-1]["step"] == 20
+    assert "skipping" in log and "step_00000030" in log and "COMMITTED marker" in log
+    assert (ckpts / "latest").read_text().strip() == "step_00000025"
+
+
+def test_keep_last_k(tmp_path):
+    code, log = run(tmp_path, "trainer.max_steps=50", "checkpoint.interval=10", "checkpoint.keep=2")
+    assert code == 0, log
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000040", "step_00000050"]
+
+
+def test_two_nodes_on_localhost(tmp_path, reference):
+    """torchrun rendezvous across two 'nodes': LOCAL_RANK 0 on both, RANK 0 and 1, one run dir."""
+    port = free_port()
+    procs = [start(tmp_path, f"trainer.max_steps={STEPS}", nproc=1, nnodes=2, node_rank=n, port=port) for n in (0, 1)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert_same_run(tmp_path, reference[2])
+
+
+def test_fine_tune_from_weights(tmp_path, reference):
+    src = reference[1] / "checkpoints" / f"step_{STEPS:08d}"
+    code, log = run(tmp_path, "trainer.max_steps=5", f"model.init_from={src}")
+    assert code == 0, log
+    first = losses(tmp_path)[1]
+    assert first < losses(reference[1])[1] - 0.5  # starts from trained weights, not from scratch
+
+
+@pytest.fixture(scope="module")
+def bad_input_env(tmp_path_factory):
+    """A finished run to protect, a checkpoint of another model shape, a file, an empty text file."""
+    root = tmp_path_factory.mktemp("bad_input")
+    code, log = run(root / "run", "trainer.max_steps=3")
+    assert code == 0, log
+    code, log = run(root / "other", "trainer.max_steps=2", "model.n_embd=16")
+    assert code == 0, log
+    (root / "a_file").write_text("x")
+    (root / "empty.txt").write_text("")
+    return root
+
+
+@pytest.mark.parametrize("override, words", [
+    ("signal_handler.sig=SIGFOO", ["signal_handler", "'SIGFOO'"]),
+    ("signal_handler.sig=SIGKILL", ["SIGKILL cannot be caught"]),
+    ("checkpoint.dir={tmp}/a_file/sub", ["checkpoint.dir", "not writable"]),
+    ("checkpoint.keep=0", ["checkpoint.keep=0"]),
+    ("checkpoint.interval=-1", ["checkpoint.interval=-1"]),
+    ("model.init_from={tmp}/nope", ["model.init_from", "does not exist"]),
+    ("model.init_from={other}", ["model.init_from", "does not fit", "Size mismatch"]),
+    ("checkpoint.resume={tmp}/nope", ["checkpoint.resume", "not a valid checkpoint"]),
+    ("checkpoint.resume={other}", ["does not fit", "Size mismatch"]),
+    ("data.paths=[{tmp}/empty.txt]", ["data.paths", "0 bytes"]),
+    ("trainer.max_steps=0", ["trainer.max_steps=0"]),
+])
+def test_bad_input_is_one_clear_line_and_nothing_deleted(tmp_path, bad_input_env, override, words):
+    run_dir = tmp_path / "run"
+    shutil.copytree(bad_input_env / "run", run_dir)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    other = bad_input_env / "other" / "checkpoints" / "step_00000002"
+    code, log = run(run_dir, override.format(tmp=bad_input_env, other=other))
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, log
+    for w in words:
+        assert w in errors[0]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_unknown_key_fails_with_hydras_error(tmp_path):
+    code, log = run(tmp_path, "trainer.max_stepz=3")
+    assert code != 0 and "max_stepz" in log and not (tmp_path / "metrics.jsonl").exists()
