@@ -49,6 +49,7 @@ def train(cfg: DictConfig) -> int:
     optimizer = build(cfg, "optim")(model.parameters())
     schedule = build(cfg, "lr_schedule")(optimizer, total_steps=max_steps)
     handler = build(cfg, "signal_handler")
+    should_stop = stop_check(handler, model, cfg.trainer.stop_check)
     checkpointer = build(cfg, "checkpoint").setup(run_dir, env.rank)
     metrics = Metrics(run_dir, enabled=env.is_main, max_steps=max_steps, log_every=cfg.trainer.log_every)
     progress = Progress()
@@ -78,7 +79,7 @@ def train(cfg: DictConfig) -> int:
             schedule.step()
             progress.step += 1
             metrics.step(progress.step, loss, lr)
-            if handler is not None and handler.should_stop():
+            if should_stop():
                 stop_signal, ranks = _who_stopped(handler, progress.step)
                 break
             if checkpointer.due(progress.step):
@@ -101,12 +102,34 @@ def train(cfg: DictConfig) -> int:
     return 0
 
 
+def stop_check(handler, model, mode: str):
+    """The per-step question "stop now?", answered the same on every rank at the same step.
+
+    auto: on the gradients' all-reduce for DDP on CPU (no extra collective), else the handler's
+    pipelined MAX reduction; reduce / gradients: force one; all_gather: the documented per-step
+    `any(signals_received())`, kept for comparison.
+    """
+    modes = ("auto", "reduce", "gradients", "all_gather")
+    if mode not in modes:
+        raise ConfigError(f"trainer.stop_check={mode!r}; expected one of {', '.join(modes)}")
+    if handler is None:
+        return lambda: False
+    ddp = isinstance(model, DistributedDataParallel)
+    if mode == "gradients" and not ddp:
+        raise ConfigError("trainer.stop_check=gradients needs DDP (torchrun with more than one rank); use auto")
+    if mode == "gradients" or (mode == "auto" and ddp and next(model.parameters()).device.type == "cpu"):
+        handler.ride_on_gradients(model)
+    if mode == "all_gather":
+        return lambda: any(handler.signals_received())
+    return handler.should_stop
+
+
 def _who_stopped(handler, step: int) -> tuple[int, dict[str, str]]:
     """One all_gather, once: which rank got which signal (for the log and metrics)."""
     by_rank = handler.signals_by_rank()
     ranks = {str(r): _name(s) for r, s in enumerate(by_rank) if s}
     log.info("stop agreed at step %d: signals by rank %s", step, ranks)
-    return handler.stop_signal() or max(by_rank), ranks
+    return max(by_rank), ranks
 
 
 def _name(signum: int) -> str:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from preemptible.stop import AgreedMax
+from preemptible.stop import AgreedMax, GradientFlag
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,8 @@ def _resolve_group(spec: Any) -> Optional["dist.ProcessGroup"]:
     """Build the group the handler agrees on; called on every rank once dist is initialized."""
     if spec is None or spec in ("world", "default"):
         return None
+    if spec == "cpu":  # the world if it reduces CPU tensors, else a gloo side group: never a GPU sync
+        return None if get_device() == torch.device("cpu") else dist.new_group(backend="gloo")
     if isinstance(spec, str):
         return dist.new_group(backend=spec)
     if isinstance(spec, dist.ProcessGroup):
@@ -197,7 +199,7 @@ def _resolve_group(spec: Any) -> Optional["dist.ProcessGroup"]:
     if callable(spec):  # a Hydra `_partial_` factory such as torch.distributed.new_group
         return spec()
     raise ValueError(
-        f"group {spec!r} is not usable; expected None/'world', a backend name such as 'gloo', "
+        f"group {spec!r} is not usable; expected None/'world', 'cpu', a backend name such as 'gloo', "
         "a ProcessGroup, or a factory (Hydra `_partial_: true` node)"
     )
 
@@ -287,8 +289,9 @@ class DistributedSignalHandler:
         if not self._group_built and _dist_ready():
             self._group = _resolve_group(self._group_spec)
             self._group_built = True
-            self._vote.group = self._group
-            self._vote.device = get_device(self.local_rank, group=self._group)
+            if isinstance(self._vote, AgreedMax):
+                self._vote.group = self._group
+                self._vote.device = get_device(self.local_rank, group=self._group)
         return self._group
 
     # -- install / release -----------------------------------------------------------------
@@ -438,6 +441,11 @@ class DistributedSignalHandler:
         _ = self.group
         return self._vote(self.local_signal()) != 0
 
-    def stop_signal(self) -> int:
-        """The largest signal number any rank reported by the last agreed decision (0 if none)."""
-        return self._vote.value
+    def ride_on_gradients(self, ddp_model: torch.nn.Module) -> "DistributedSignalHandler":
+        """Carry the stop flag on this DDP model's gradient all-reduce instead of a reduction.
+
+        `should_stop()` then costs no collective at all; call it after the backward. Every
+        step must run a synchronised backward (no `no_sync` steps between checks).
+        """
+        self._vote = GradientFlag(lambda: self.local_signal(), getattr(ddp_model, "process_group", None)).attach(ddp_model)
+        return self

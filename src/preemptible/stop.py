@@ -64,3 +64,59 @@ class AgreedMax:
             dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
             self.value = max(self.value, int(buf.item()))
         return self.value
+
+
+class GradientFlag:
+    """The stop flag riding on DDP's gradient all-reduce: no extra collective at all.
+
+    A DDP communication hook appends one element (1.0 if this rank got a signal) to the first
+    gradient bucket (DDP caps it at ~1 MB, so the extra copy is tiny) and all-reduces it with the
+    gradients it carries; any non-zero sum means some rank got a signal. The value is read after
+    the backward that carried it, so a signal is acted on at the same or the next step.
+    The same answer on every rank: they all read the same reduced element.
+    """
+
+    def __init__(self, local_flag, process_group: Optional["dist.ProcessGroup"] = None):
+        self._local_flag = local_flag  # () -> int, read when the bucket is ready
+        self.group = process_group
+        self.value = 0
+        self._last: Optional[torch.Tensor] = None
+
+    def attach(self, ddp_model: torch.nn.Module) -> "GradientFlag":
+        ddp_model.register_comm_hook(self, _flag_hook)
+        return self
+
+    def reset(self) -> None:
+        self.value, self._last = 0, None
+
+    def drain(self) -> None:
+        pass  # nothing in flight outside DDP's own backward
+
+    def __call__(self, local: int) -> int:
+        if not self.value and self._last is not None:
+            self.value = int(self._last.item() > 0)
+        return self.value
+
+
+def _flag_hook(state: GradientFlag, bucket: "dist.GradBucket") -> torch.futures.Future:
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    if bucket.index() != 0:
+        return allreduce_hook(state.group, bucket)
+    world = dist.get_world_size(state.group)
+    buf = bucket.buffer()
+    flagged = torch.cat([buf.div(world), torch.full((1,), float(state._local_flag() != 0), dtype=buf.dtype,
+                                                     device=buf.device)])
+    fut = dist.all_reduce(flagged, group=state.group, async_op=True).get_future()
+
+    def split(f: torch.futures.Future) -> torch.Tensor:
+        reduced = f.value()[0]
+        state._last = reduced[-1:]
+        return reduced[:-1]
+
+    return fut.then(split)
+
+
+# DDP checks the hook's annotations as objects; this module's `from __future__ import annotations` made them strings.
+_flag_hook.__annotations__ = {"state": GradientFlag, "bucket": dist.GradBucket,
+                              "return": torch.futures.Future[torch.Tensor]}

@@ -167,3 +167,41 @@ def test_second_signal_stops_a_rank_stuck_in_a_collective(tmp_path, capfd):
                 p.kill()
     err = capfd.readouterr().err
     assert "received again" in err and "all_reduce" in err
+
+
+def _ddp_loop(rank, world, signal_rank, signal_step):
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Linear(64, 8)))
+    torch.manual_seed(0)
+    plain = DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Linear(64, 8)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01)
+    torch.manual_seed(rank)
+    with DistributedSignalHandler("SIGUSR2") as handler:
+        handler.ride_on_gradients(model)
+        step = 0
+        while True:
+            if rank == signal_rank and step == signal_step:
+                os.kill(os.getpid(), signal.SIGUSR2)
+            x = torch.randn(4, 8)
+            for m, o in ((model, opt), (plain, plain_opt)):
+                m(x).square().mean().backward()
+                o.step()
+                o.zero_grad()
+            if handler.should_stop():
+                break
+            step += 1
+            assert step < 100
+        weights = [p.detach().sum().item() for p in model.parameters()]
+        diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), plain.parameters()))
+        return {"stop_step": step, "by_rank": handler.signals_by_rank(), "weights": weights, "diff": diff}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_stop_flag_rides_on_ddp_gradients(tmp_path, world):
+    results = run_ranks(_ddp_loop, world, tmp_path, world - 1, 6)
+    assert {r["stop_step"] for r in results} == {6}  # signalled before the backward: same step
+    assert all(r["by_rank"] == [0] * (world - 1) + [int(signal.SIGUSR2)] for r in results)
+    assert all(r["weights"] == results[0]["weights"] for r in results)
+    assert all(r["diff"] < 1e-6 for r in results)  # gradients averaged as by DDP's own all-reduce
