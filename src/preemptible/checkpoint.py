@@ -19,12 +19,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from preemptible.distributed import barrier, broadcast_object, is_distributed
-from preemptible.errors import ConfigError
+from preemptible import faults
+from preemptible.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 # DCP says this on every single-process save/load; single process is a supported mode here.
@@ -96,19 +98,31 @@ class Checkpointer:
     interval: save every N steps (0: only on a stop signal and at the end).
     keep:     committed checkpoints kept (>= 1); older ones pruned after a newer commit.
     resume:   'auto' (newest valid one, if any), 'never', or a checkpoint directory path.
+    async_save: periodic saves stage the state in memory and write it in a background thread
+              (DCP `async_save` on a gloo side group of its own); a stop or the end waits for it.
+    write_threads: files written in parallel per rank (DCP's thread_count).
     """
 
-    def __init__(self, dir: Optional[str] = None, interval: int = 100, keep: int = 2, resume: str = "auto"):
+    def __init__(self, dir: Optional[str] = None, interval: int = 100, keep: int = 2, resume: str = "auto",
+                 async_save: bool = False, write_threads: int = 8):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
             raise ConfigError(f"checkpoint.interval={interval!r}; expected an int >= 0 (0 = only on stop and at the end)")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ConfigError(f"checkpoint.keep={keep!r}; expected an int >= 1 (the newest committed checkpoints kept)")
+        if isinstance(write_threads, bool) or not isinstance(write_threads, int) or write_threads < 1:
+            raise ConfigError(f"checkpoint.write_threads={write_threads!r}; expected an int >= 1")
         if not isinstance(resume, str) or not resume:
             raise ConfigError(f"checkpoint.resume={resume!r}; expected auto, never or a checkpoint directory")
         self.dir, self.interval, self.keep, self.resume = dir, interval, keep, resume
+        self.async_save, self.write_threads = bool(async_save), write_threads
         self.root: Optional[Path] = None
         self.rank = 0
         self.last_committed_step: Optional[int] = None
+        self.last_save_seconds: Optional[float] = None  # start to commit, of the latest save
+        self._inflight: Optional[tuple] = None  # step, partial, final, future, start time
+        self._staging: Any = None  # completes once the background copy of the state is taken
+        self._stager: Any = None
+        self._group: Any = None
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -124,6 +138,9 @@ class Checkpointer:
         except OSError as e:
             raise ConfigError(f"checkpoint.dir={str(self.root)!r} is not writable ({e.strerror}); "
                               "choose a writable directory with checkpoint.dir=PATH") from None
+        if self.async_save and is_distributed():
+            # The background thread's collectives must not interleave with training's on one group.
+            self._group = dist.new_group(backend="gloo")
         return self
 
     def due(self, step: int) -> bool:
@@ -182,28 +199,102 @@ class Checkpointer:
 
     # -- reading and writing ----------------------------------------------------------------
 
+    @staticmethod
+    def world_size_of(path: Path) -> int:
+        """How many ranks wrote a committed checkpoint (from its commit marker)."""
+        return int(json.loads((Path(path) / COMMIT).read_text()).get("world_size", 1))
+
     def load(self, path: Path, state: dict[str, Any]) -> None:
+        faults.inject("load")
         try:
             dcp.load(state, checkpoint_id=str(path))
         except (Exception, CheckpointException) as e:  # shape/key mismatches surface here, wrapped by DCP
             raise ConfigError(f"checkpoint {str(path)!r} does not fit this model/run: {describe_failure(e)}") from None
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Collective: every rank calls it; returns once the checkpoint is committed."""
+    def save(self, step: int, state: dict[str, Any], wait: bool = True) -> Path:
+        """Collective: every rank calls it. With `wait` (a stop, the end) it returns once the
+        checkpoint is committed; without, and with `async_save`, once the state is staged."""
         final = self.path_for(step)
-        if self.last_committed_step == step:
-            return final  # this exact state is already durable
+        if self.last_committed_step == step or (self._inflight and self._inflight[0] == step):
+            if wait:
+                self.wait()
+            return final  # this exact state is already saved or being saved
+        self.wait()  # one save at a time: finish (and commit) the one in flight first
+        started = time.time()
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0 and partial.exists():
             shutil.rmtree(partial)  # a torn earlier attempt at the same step
         barrier()
-        writer = dcp.FileSystemWriter(str(partial), sync_files=True)
-        dcp.save(state, storage_writer=writer)  # returns after .metadata is written by the coordinator
-        if self.rank == 0:
-            self._commit(partial, final, step)
+        writer = dcp.FileSystemWriter(str(partial), sync_files=True, thread_count=self.write_threads)
+        if self.async_save and not wait:
+            response = dcp.async_save(state, storage_writer=writer, process_group=self._group,
+                                      async_stager=self._async_stager())
+            self._staging = response.staging_completion
+            self._inflight = (step, partial, final, response.upload_completion, started)
+            return final
+        try:
+            dcp.save(state, storage_writer=writer)  # returns after .metadata is written by the coordinator
+            faults.inject("save", step)
+            if self.rank == 0:
+                self._commit(partial, final, step)
+        except (Exception, CheckpointException) as e:
+            raise self._failed(final, e) from None
         barrier()
         self.last_committed_step = step
+        self.last_save_seconds = time.time() - started
         return final
+
+    def _async_stager(self) -> Any:
+        # Copies the state in a background thread, into buffers reused from save to save, while
+        # the next forward/backward runs (they only read the weights): see wait_staged().
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=True, use_non_blocking_copy=cuda))
+        return self._stager
+
+    def wait_staged(self) -> None:
+        """Call before the optimizer changes the weights: an async save's copy must be complete."""
+        if self._staging is not None:
+            self._staging.result()
+            self._staging = None
+
+    def close(self) -> None:
+        """Finish and commit any save in flight; free the staging buffers."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def poll(self) -> None:
+        """At a step boundary: commit an async save that has finished (never blocks)."""
+        if self._inflight is not None and self._inflight[3].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the in-flight async save is written, then commit it (rank 0)."""
+        if self._inflight is None:
+            return
+        step, partial, final, future, started = self._inflight
+        self._inflight = None
+        self.wait_staged()
+        try:
+            future.result()  # re-raises a failed write
+            faults.inject("save", step)
+            # The coordinator's future completes only after every rank's files and .metadata exist.
+            if self.rank == 0:
+                self._commit(partial, final, step)
+        except (Exception, CheckpointException) as e:
+            raise self._failed(final, e) from None
+        self.last_committed_step = step
+        self.last_save_seconds = time.time() - started
+
+    def _failed(self, final: Path, e: BaseException) -> CheckpointError:
+        kept = self.path_for(self.last_committed_step).name if self.last_committed_step is not None else "none"
+        return CheckpointError(f"checkpoint {final.name} could not be written ({describe_failure(e)}); "
+                               f"nothing was committed, the latest committed checkpoint ({kept}) is intact")
 
     def _commit(self, partial: Path, final: Path, step: int) -> None:
         files = {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file()}
