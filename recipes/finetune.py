@@ -19,12 +19,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
+from preemptible import faults, slurm
 from preemptible.checkpoint import load_model_weights
 from preemptible.config import build
 from preemptible.distributed import barrier, init_distributed, shutdown
-from preemptible.errors import ConfigError
+from preemptible.errors import CheckpointError, ConfigError
 from preemptible.metrics import Metrics
-from preemptible.state import ModelOptimState, Progress, RankState, params_sha256
+from preemptible.parallel import parallelize
+from preemptible.preemption import agreed_stop, end_time, exit_status, save_skip_reason, want_requeue
+from preemptible.state import TrainState, params_sha256
+from preemptible.stop import Deadline
 
 log = logging.getLogger("preemptible.train")
 
@@ -44,28 +48,40 @@ def train(cfg: DictConfig) -> int:
         load_model_weights(model, model.init_from)
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank, reproducibly
     batches = build(cfg, "data", rank=env.rank, world_size=env.world_size, seed=cfg.seed)
-    if env.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    model = parallelize(model, cfg.trainer.parallelism, env)
     optimizer = build(cfg, "optim")(model.parameters())
     schedule = build(cfg, "lr_schedule")(optimizer, total_steps=max_steps)
     handler = build(cfg, "signal_handler")
     should_stop = stop_check(handler, model, cfg.trainer.stop_check)
     checkpointer = build(cfg, "checkpoint").setup(run_dir, env.rank)
     metrics = Metrics(run_dir, enabled=env.is_main, max_steps=max_steps, log_every=cfg.trainer.log_every)
-    progress = Progress()
-    state = {"model_optim": ModelOptimState(model, optimizer), "lr_schedule": schedule, "progress": progress,
-             f"rank{env.rank}": RankState(batches)}
+    train_state = TrainState(model, optimizer, schedule, batches, env.rank, env.world_size)
+    state, progress = train_state.dcp, train_state.progress
+
+    deadline = Deadline(end_time(cfg.trainer.max_time, cfg.scheduler.time_limit), cfg.scheduler.save_guess,
+                        cfg.scheduler.margin)
+    if deadline.end is not None and handler is None:
+        raise ConfigError("trainer.max_time and SLURM time limits need a signal_handler to agree on the stop step; "
+                          "drop signal_handler=null, or set trainer.max_time=null and scheduler.time_limit=false")
+    want_requeue(cfg.scheduler.requeue)  # validate now, not at the stop
 
     # ---- from here a signal is recorded, during resume too
-    stop_signal, ranks = 0, {}
+    stop = None
     with handler if handler is not None else _NoHandler():
         # resume from the newest committed checkpoint, if any
         resume_from = checkpointer.resume_path()
         if resume_from is not None:
-            checkpointer.load(resume_from, state)
+            saved_world = checkpointer.world_size_of(resume_from)
+            checkpointer.load(resume_from, train_state.to_load(saved_world))
+            train_state.after_load(saved_world, cfg.seed)
             checkpointer.last_committed_step = progress.step
-            log.info("resumed from %s at step %d", resume_from, progress.step)
-            metrics.event("resumed", step=progress.step, **{"from": str(resume_from)})
+            log.info("resumed from %s at step %d (written by %d ranks, now %d)", resume_from, progress.step,
+                     saved_world, env.world_size)
+            if saved_world != env.world_size:
+                log.warning("world size changed (%d -> %d): model, optimizer, schedule and step are exact; "
+                            "data order and RNG streams differ from an uninterrupted run", saved_world, env.world_size)
+            metrics.event("resumed", step=progress.step, world_size=env.world_size, saved_world_size=saved_world,
+                          params_sha256=params_sha256(model), **{"from": str(resume_from)})
         metrics.start(progress.step)
 
         # the loop: one step, then the agreed stop check, then a periodic save
@@ -74,32 +90,50 @@ def train(cfg: DictConfig) -> int:
             loss = model(x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            checkpointer.wait_staged()  # an async save must have copied the weights before they change
             optimizer.step()
             lr = schedule.get_last_lr()[0]
             schedule.step()
             progress.step += 1
             metrics.step(progress.step, loss, lr)
+            deadline.step_done()
+            if handler is not None and deadline.expired(checkpointer.last_save_seconds):
+                handler.request_stop()  # the time limit is near: voted like a signal
+            faults.inject("step", progress.step)
             if should_stop():
-                stop_signal, ranks = _who_stopped(handler, progress.step)
+                stop = agreed_stop(handler, progress.step)
                 break
             if checkpointer.due(progress.step):
-                checkpointer.save(progress.step, state)
+                checkpointer.save(progress.step, state, wait=False)  # async if checkpoint.async_save
+            checkpointer.poll()
 
-        # stop or finish: one committed checkpoint either way, then say so
-        path = checkpointer.save(progress.step, state)
-        if stop_signal:
-            metrics.event("preempted", step=progress.step, signal=_name(stop_signal), ranks=ranks, checkpoint=str(path))
-            log.info("stopped at step %d on %s; checkpoint %s; run the same command to resume",
-                     progress.step, _name(stop_signal), path)
-        else:
+        # stop or finish: one committed checkpoint (unless it cannot fit the grace period), then say so
+        faults.inject("final_save", progress.step)
+        if stop is None:
+            path = checkpointer.save(progress.step, state)
             metrics.event("done", step=progress.step, params_sha256=params_sha256(model), checkpoint=str(path))
             log.info("done at step %d", progress.step)
+        else:
+            estimate = checkpointer.last_save_seconds or cfg.scheduler.save_guess
+            skipped = save_skip_reason(stop, cfg.scheduler.grace_period, estimate)
+            path = None if skipped else checkpointer.save(progress.step, state)
+            metrics.event("preempted", step=progress.step, signal=stop.reason, ranks=stop.ranks,
+                          params_sha256=params_sha256(model),
+                          checkpoint=str(path) if path else None, **({"save_skipped": skipped} if skipped else {}))
+            if skipped:
+                log.warning("stopped at step %d on %s without saving: %s; the resume starts from %s",
+                            progress.step, stop.reason, skipped, checkpointer.last_committed_step or "scratch")
+            else:
+                log.info("stopped at step %d on %s; checkpoint %s; run the same command to resume",
+                         progress.step, stop.reason, path)
+    checkpointer.close()
     metrics.close()
     barrier()
-    if stop_signal:
-        code = cfg.trainer.exit_code_on_stop
-        return 128 + stop_signal if code is None else int(code)
-    return 0
+    if stop is None:
+        return 0
+    if env.is_main and want_requeue(cfg.scheduler.requeue):
+        slurm.requeue()  # only now: the checkpoint is durable and every rank is past its last collective
+    return exit_status(stop, cfg.trainer.exit_code_on_stop)
 
 
 def stop_check(handler, model, mode: str):
@@ -124,20 +158,6 @@ def stop_check(handler, model, mode: str):
     return handler.should_stop
 
 
-def _who_stopped(handler, step: int) -> tuple[int, dict[str, str]]:
-    """One all_gather, once: which rank got which signal (for the log and metrics)."""
-    by_rank = handler.signals_by_rank()
-    ranks = {str(r): _name(s) for r, s in enumerate(by_rank) if s}
-    log.info("stop agreed at step %d: signals by rank %s", step, ranks)
-    return max(by_rank), ranks
-
-
-def _name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
-
-
 class _NoHandler:
     def __enter__(self):
         return self
@@ -153,6 +173,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
     finally:
         shutdown()
     if code:

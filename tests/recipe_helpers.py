@@ -10,18 +10,18 @@ from pathlib import Path
 
 from distributed_helpers import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "finetune.py"
 # Small enough that a step is milliseconds on 2 oversubscribed cores.
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=4",
         "data.max_bytes=200000", "trainer.log_every=1", "lr_schedule.warmup_steps=5"]
 
 
-def command(run_dir, *overrides, nproc=1, nnodes=1, node_rank=0, port=None):
+def command(run_dir, *overrides, nproc=1, nnodes=1, node_rank=0, port=None, launcher_args=()):
     args = [str(RECIPE), f"hydra.run.dir={run_dir}", *TINY, *overrides]
     if nproc == 1 and nnodes == 1:
         return [sys.executable, *args]
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *launcher_args]
     if nnodes == 1:
         launcher += ["--standalone"]
     else:
@@ -30,8 +30,8 @@ def command(run_dir, *overrides, nproc=1, nnodes=1, node_rank=0, port=None):
     return launcher + args
 
 
-def start(run_dir, *overrides, nproc=1, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def start(run_dir, *overrides, nproc=1, env=None, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen(command(run_dir, *overrides, nproc=nproc, **kw), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

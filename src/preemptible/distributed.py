@@ -41,7 +41,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    # torchrun (and the SLURM example) set RANK even for one process: FSDP needs a group there too.
+    if (world > 1 or "RANK" in os.environ) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return DistEnv(rank, world, local, dev)
 

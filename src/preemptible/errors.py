@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """A bad value in the configuration or on disk; the message names it and the fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A save could not be completed; the previous committed checkpoint is untouched and still latest."""

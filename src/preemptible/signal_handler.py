@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from preemptible.stop import AgreedMax, GradientFlag
+from preemptible.stop import DEADLINE, AgreedMax, GradientFlag
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,7 @@ class DistributedSignalHandler:
 
     def _reset_state(self) -> None:
         self.received: list[tuple[int, float]] = []  # (signum, wall time) in arrival order
+        self._requested = 0  # a stop this rank asked for itself (request_stop)
         self._first_seen: dict[int, float] = {}
         self._old_wakeup_fd = -1
         self._watcher: Optional[threading.Thread] = None
@@ -418,8 +419,12 @@ class DistributedSignalHandler:
     # -- queries ---------------------------------------------------------------------------
 
     def local_signal(self) -> int:
-        """The first signal this rank received since enter, 0 if none."""
-        return self.received[0][0] if self.received else 0
+        """The first signal this rank received since enter (else a requested stop's code), 0 if none."""
+        return self.received[0][0] if self.received else self._requested
+
+    def request_stop(self, code: int = DEADLINE) -> None:
+        """Vote to stop as if a signal had arrived (the job's time limit is near): agreed the same way."""
+        self._requested = self._requested or code
 
     def signals_received(self) -> list[bool]:
         """Check if any rank in the group received the signal (one all_gather; documented API)."""

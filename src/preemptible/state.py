@@ -70,16 +70,49 @@ class ModelOptimState:
 
 
 class Progress:
-    """DCP `Stateful` for the step counter (identical on every rank)."""
+    """DCP `Stateful`: the step and where the data stream is (identical on every rank), and the
+    world size that wrote it, so a resume on another number of ranks can continue the data."""
 
-    def __init__(self, step: int = 0):
-        self.step = step
+    def __init__(self, batches: Any = None, world_size: int = 1):
+        self.step, self.batches, self.world_size = 0, batches, world_size
+        self.loaded: dict[str, Any] = {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        data = {"epoch": self.batches.epoch, "seen": self.batches.seen} if self.batches is not None else {}
+        return {"step": self.step, "world_size": self.world_size, **data}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.loaded = dict(state)
+
+
+class TrainState:
+    """Everything a checkpoint holds, keyed for DCP; per-rank parts under `rank{r}`."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, batches: Any,
+                 rank: int, world_size: int):
+        self.rank, self.world_size, self.batches = rank, world_size, batches
+        self.progress = Progress(batches, world_size)
+        self.dcp = {"model_optim": ModelOptimState(model, optimizer), "lr_schedule": schedule,
+                    "progress": self.progress, f"rank{rank}": RankState(batches)}
+
+    def to_load(self, saved_world_size: int) -> dict[str, Any]:
+        """Same world size: everything. Another: the per-rank parts do not exist for every rank."""
+        if saved_world_size == self.world_size:
+            return self.dcp
+        return {k: v for k, v in self.dcp.items() if not k.startswith("rank")}
+
+    def after_load(self, saved_world_size: int, seed: int) -> None:
+        """On a world-size change: continue the data stream, and reseed RNGs (seed, step, rank)."""
+        if saved_world_size == self.world_size:
+            return
+        info = self.progress.loaded
+        self.batches.reposition(info["epoch"], info["seen"] * saved_world_size)
+        stream = seed * 1_000_003 + self.progress.step * 1009 + self.rank
+        random.seed(stream)
+        torch.manual_seed(stream)
+        if np is not None:
+            np.random.seed(stream % 2**32)
 
 
 def params_sha256(model: torch.nn.Module) -> str:

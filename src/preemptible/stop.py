@@ -7,10 +7,21 @@ at call k+1, so the loop never blocks on it, at the price of one step of latency
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+
+# A stop requested by the run itself (time limit), voted like a signal; no signal has this number.
+DEADLINE = 200
+
+
+def reason_name(code: int) -> str:
+    import signal
+
+    return "time limit" if code == DEADLINE else signal.Signals(code).name
 
 
 class AgreedMax:
@@ -120,3 +131,35 @@ def _flag_hook(state: GradientFlag, bucket: "dist.GradBucket") -> torch.futures.
 # DDP checks the hook's annotations as objects; this module's `from __future__ import annotations` made them strings.
 _flag_hook.__annotations__ = {"state": GradientFlag, "bucket": dist.GradBucket,
                               "return": torch.futures.Future[torch.Tensor]}
+
+
+class Deadline:
+    """Stop while there is still time for one more step and one save before the end.
+
+    `end`: Unix time the job is killed (SLURM's end time, or start + trainer.max_time).
+    Step durations are measured as the run goes (an EMA); the save's is the last measured one,
+    `save_guess` seconds until a save was measured.
+    """
+
+    def __init__(self, end: Optional[float], save_guess: float = 30.0, margin: float = 5.0):
+        if save_guess < 0 or margin < 0:
+            raise ValueError(f"scheduler.save_guess={save_guess} and scheduler.margin={margin} must be >= 0 seconds")
+        self.end, self.save_guess, self.margin = end, save_guess, margin
+        self.step_seconds = 0.0
+        self._last = time.time()
+
+    def step_done(self) -> None:
+        now = time.time()
+        dt, self._last = now - self._last, now
+        self.step_seconds = dt if self.step_seconds == 0.0 else 0.9 * self.step_seconds + 0.1 * dt
+
+    def remaining(self) -> Optional[float]:
+        return None if self.end is None else self.end - time.time()
+
+    def expired(self, save_seconds: Optional[float] = None) -> bool:
+        """True once the time left no longer covers a step, a save and the margin."""
+        left = self.remaining()
+        if left is None:
+            return False
+        save = save_seconds if save_seconds is not None else self.save_guess
+        return left < self.step_seconds + save + self.margin

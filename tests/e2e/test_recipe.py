@@ -32,14 +32,15 @@ def assert_same_run(resumed, reference):
     assert sorted(losses(resumed)) == list(range(1, STEPS + 1))
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, reference, nproc):
-    code, log = interrupt_at(tmp_path, 17, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", nproc=nproc)
+@pytest.mark.parametrize("nproc, extra", [(1, "checkpoint.async_save=false"), (2, "checkpoint.async_save=false"),
+                                          (1, "checkpoint.async_save=true"), (2, "checkpoint.async_save=true")])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, reference, nproc, extra):
+    code, log = interrupt_at(tmp_path, 17, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", extra, nproc=nproc)
     preempted = events(tmp_path, "preempted")
     assert preempted and preempted[0]["signal"] == "SIGTERM", log
     assert 17 <= preempted[0]["step"] < STEPS
     assert (code == 143) if nproc == 1 else code != 0
-    code, log = run(tmp_path, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", nproc=nproc)
+    code, log = run(tmp_path, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", extra, nproc=nproc)
     assert code == 0, log
     resumed = events(tmp_path, "resumed")
     assert resumed and resumed[0]["step"] == preempted[0]["step"]
@@ -92,8 +93,10 @@ def test_uncommitted_and_partial_directories_are_never_loaded(tmp_path):
     assert (ckpts / "latest").read_text().strip() == "step_00000025"
 
 
-def test_keep_last_k(tmp_path):
-    code, log = run(tmp_path, "trainer.max_steps=50", "checkpoint.interval=10", "checkpoint.keep=2")
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_keep_last_k(tmp_path, async_save):
+    code, log = run(tmp_path, "trainer.max_steps=50", "checkpoint.interval=10", "checkpoint.keep=2",
+                    f"checkpoint.async_save={async_save}")
     assert code == 0, log
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000040", "step_00000050"]
 
@@ -157,3 +160,14 @@ def test_bad_input_is_one_clear_line_and_nothing_deleted(tmp_path, bad_input_env
 def test_unknown_key_fails_with_hydras_error(tmp_path):
     code, log = run(tmp_path, "trainer.max_stepz=3")
     assert code != 0 and "max_stepz" in log and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_max_time_stops_with_a_checkpoint_and_resumes(tmp_path, reference):
+    """No signal at all (clusters that send TERM then KILL): stop while a step and a save fit."""
+    limit = ["trainer.max_time=7", "scheduler.save_guess=1", "scheduler.margin=1", f"trainer.max_steps={STEPS * 50}"]
+    code, log = run(tmp_path, *limit)
+    assert code == 124, log
+    stop = events(tmp_path, "preempted")[0]
+    assert stop["signal"] == "time limit" and stop["ranks"] == {"0": "time limit"}
+    code, log = run(tmp_path, f"trainer.max_steps={stop['step'] + 5}")
+    assert code == 0 and events(tmp_path, "resumed")[0]["step"] == stop["step"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import sysconfig
 import warnings
 from typing import Any, Iterator, Optional, Sequence
@@ -60,6 +61,16 @@ class ByteWindows(Dataset):
         return w[:-1], w[1:]
 
 
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader workers share the process group, so a signal sent to it (Ctrl-C, a container
+    runtime) reaches them too; one that died would break the loader before the main process
+    saved. The main process decides; workers ignore preemption signals and keep serving, and
+    exit with it (PyTorch's worker watchdog)."""
+    signal.set_wakeup_fd(-1)  # inherited through fork: the parent's watcher must not see our signals
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class Batches:
     """An endless, resumable stream of batches for one rank: epochs follow one another."""
 
@@ -74,8 +85,11 @@ class Batches:
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
         # run's dropout would differ from an uninterrupted one.
         self.loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                         num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+                                         num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+                                         worker_init_fn=_leave_signals_to_the_main_process if num_workers else None)
+        self.batch_size, self.world_size = batch_size, world_size
         self.epoch = 0
+        self.seen = 0  # samples this rank has taken in the current epoch
         self._it: Optional[Iterator] = None
 
     def __next__(self):
@@ -84,18 +98,33 @@ class Batches:
                 self.sampler.set_epoch(self.epoch)
                 self._it = iter(self.loader)
             try:
-                return next(self._it)
+                batch = next(self._it)
+                self.seen += self.batch_size
+                return batch
             except StopIteration:
                 self.epoch += 1
+                self.seen = 0
                 self._it = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+        return {"epoch": self.epoch, "seen": self.seen, "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = state["epoch"]
+        self.epoch, self.seen = state["epoch"], state["seen"]
         self.sampler.set_epoch(self.epoch)
         self.loader.load_state_dict(state["loader"])
+        self._it = None
+
+    def reposition(self, epoch: int, global_seen: int) -> None:
+        """Continue an epoch that another number of ranks had taken `global_seen` samples of.
+
+        The epoch's permutation depends only on seed and epoch; rank r takes every world-th
+        index, so skipping global_seen // world of its own indices continues the global stream
+        (exactly when divisible; otherwise up to world-1 samples are skipped or repeated).
+        """
+        self.epoch, self.seen = epoch, global_seen // self.world_size
+        self.sampler.set_epoch(epoch)
+        self.sampler.load_state_dict({"yielded": self.seen})
         self._it = None
 
 

@@ -1,0 +1,87 @@
+"""What a loop does once every rank agreed to stop: who saw what, whether a save still fits
+the grace period, the exit status, and a SLURM requeue. Every decision here is the same on
+every rank (rank 0 decides, one broadcast), so no rank is left in a collective alone."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from preemptible import slurm
+from preemptible.distributed import broadcast_object
+from preemptible.errors import ConfigError
+from preemptible.signal_handler import all_gather_item
+from preemptible.stop import DEADLINE, reason_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stop:
+    code: int                      # a signal number, or DEADLINE
+    step: int
+    ranks: dict[str, str] = field(default_factory=dict)  # rank -> what it saw
+    first_seen: float = math.inf   # earliest arrival on any rank (wall time)
+
+    @property
+    def reason(self) -> str:
+        return reason_name(self.code)
+
+
+def agreed_stop(handler, step: int) -> Stop:
+    """Two small all_gathers, once: which rank got which signal, and when the first arrived."""
+    by_rank = handler.signals_by_rank()
+    first = handler.received[0][1] if handler.received else math.inf
+    earliest = min(all_gather_item(first, torch.float64, group=handler.group, local_rank=handler.local_rank))
+    stop = Stop(max(by_rank), step, {str(r): reason_name(s) for r, s in enumerate(by_rank) if s}, earliest)
+    log.info("stop agreed at step %d: %s", step, ", ".join(f"rank {r}: {s}" for r, s in stop.ranks.items()))
+    return stop
+
+
+def save_skip_reason(stop: Stop, grace_period: Optional[float], save_estimate: float) -> Optional[str]:
+    """None if a save fits before the grace period ends (KILL comes), else why it is skipped.
+
+    A save that cannot finish only burns the time left; the last committed checkpoint stays the
+    one to resume from. Rank 0 decides; every rank gets its answer.
+    """
+    reason = None
+    if grace_period is not None and math.isfinite(stop.first_seen):
+        left = grace_period - (time.time() - stop.first_seen)
+        if save_estimate > left:
+            reason = (f"a save takes ~{save_estimate:.1f}s but only {max(left, 0):.1f}s of the "
+                      f"{grace_period:g}s grace period are left")
+    return broadcast_object(reason)
+
+
+def end_time(max_time: Any, slurm_time_limit: bool) -> Optional[float]:
+    """When this run must be done: start + `max_time` seconds and/or SLURM's end time."""
+    ends = []
+    if max_time is not None:
+        if isinstance(max_time, bool) or not isinstance(max_time, (int, float)) or max_time <= 0:
+            raise ConfigError(f"trainer.max_time={max_time!r}; expected seconds > 0 or null")
+        ends.append(time.time() + max_time)
+    if slurm_time_limit and slurm.job_id():
+        end = slurm.job_end_time()
+        if end:
+            ends.append(end)
+    return min(ends) if ends else None
+
+
+def want_requeue(mode: Any) -> bool:
+    if mode not in ("auto", True, False):
+        raise ConfigError(f"scheduler.requeue={mode!r}; expected auto, true or false")
+    if mode == "auto":
+        return slurm.job_id() is not None and slurm.requeue_allowed()
+    return bool(mode)
+
+
+def exit_status(stop: Stop, override: Optional[int]) -> int:
+    """128 + signal number like a shell reports a signal death; 124 (as timeout(1)) for a time limit."""
+    if override is not None:
+        return int(override)
+    return 124 if stop.code == DEADLINE else 128 + stop.code

@@ -1,0 +1,68 @@
+"""FSDP2 (fully_shard) on CPU/gloo: sharded checkpoints, exact resume, resume on other world sizes."""
+
+import pytest
+
+from recipe_helpers import events, interrupt_at, losses, run
+
+pytestmark = pytest.mark.slow
+STEPS = 60
+FSDP = ["trainer.parallelism=fsdp", f"trainer.max_steps={STEPS}", "checkpoint.interval=10"]
+
+
+def test_fsdp_interrupted_then_resumed_is_bit_identical(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    code, log = run(full, *FSDP, nproc=2)
+    assert code == 0, log
+    code, log = interrupt_at(cut, 17, *FSDP, "checkpoint.async_save=true", nproc=2, rank=1)
+    stop = events(cut, "preempted")[0]
+    assert stop["ranks"] == {"1": "SIGTERM"} and stop["checkpoint"], log
+    shards = sorted(p.name for p in (cut / "checkpoints" / f"step_{stop['step']:08d}").iterdir())
+    assert sum(name.startswith("__0_") for name in shards) and sum(name.startswith("__1_") for name in shards)
+    code, log = run(cut, *FSDP, "checkpoint.async_save=true", nproc=2)
+    assert code == 0, log
+    assert events(cut, "done")[-1]["params_sha256"] == events(full, "done")[-1]["params_sha256"]
+    assert losses(cut) == losses(full)
+
+
+def _continues_without_a_jump(run_dir, step):
+    """Training keeps going down from where it was: no step back up towards a fresh start."""
+    l = losses(run_dir)
+    before = sum(l[s] for s in range(step - 4, step + 1)) / 5
+    after = sum(l[s] for s in range(step + 1, step + 6)) / 5
+    assert after < before + 0.05, (before, after)
+    assert l[step + 1] < l[1] - 0.3, (l[1], l[step + 1])
+
+
+def test_resume_on_a_different_world_size(tmp_path):
+    """4 ranks -> 2 ranks -> 4 ranks: parameters at each resume are the saved ones exactly."""
+    code, log = interrupt_at(tmp_path, 15, *FSDP, nproc=4)
+    first = events(tmp_path, "preempted")[0]
+    assert first["checkpoint"], log
+    code, log = interrupt_at(tmp_path, first["step"] + 15, *FSDP, nproc=2)
+    resumed = events(tmp_path, "resumed")[0]
+    assert (resumed["saved_world_size"], resumed["world_size"]) == (4, 2), log
+    assert resumed["step"] == first["step"] and resumed["params_sha256"] == first["params_sha256"]
+    assert "data order and RNG streams differ" in log
+    second = events(tmp_path, "preempted")[1]
+    code, log = run(tmp_path, *FSDP, nproc=4)
+    assert code == 0, log
+    back = events(tmp_path, "resumed")[1]
+    assert (back["saved_world_size"], back["world_size"]) == (2, 4)
+    assert back["params_sha256"] == second["params_sha256"]
+    assert sorted(losses(tmp_path)) == list(range(1, STEPS + 1))
+    _continues_without_a_jump(tmp_path, first["step"])
+    _continues_without_a_jump(tmp_path, second["step"])
+
+
+def test_ddp_checkpoint_resumes_on_another_world_size_too(tmp_path):
+    code, log = interrupt_at(tmp_path, 15, f"trainer.max_steps={STEPS}", nproc=2)
+    stop = events(tmp_path, "preempted")[0]
+    code, log = run(tmp_path, f"trainer.max_steps={STEPS}")  # one process now
+    assert code == 0, log
+    resumed = events(tmp_path, "resumed")[0]
+    assert resumed["params_sha256"] == stop["params_sha256"] and resumed["saved_world_size"] == 2
+
+
+def test_fsdp_without_a_process_group_is_a_clear_error(tmp_path):
+    code, log = run(tmp_path, "trainer.parallelism=fsdp", "trainer.max_steps=2")
+    assert code == 2 and "launch with torchrun" in log

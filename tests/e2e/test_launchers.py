@@ -1,0 +1,70 @@
+"""How torchrun and Kubernetes deliver the signal, reproduced locally with real processes."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from recipe_helpers import events, losses, run, start, wait_for_step, worker_pids_by_rank
+
+pytestmark = pytest.mark.slow
+STEPS = "trainer.max_steps=400"
+
+
+def _stop(proc, timeout=60):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def test_sigterm_to_the_torchrun_agent(tmp_path):
+    """torchrun forwards TERM to its workers, then SIGKILLs after --shutdown-timeout: save inside it."""
+    proc = start(tmp_path, STEPS, nproc=2)
+    wait_for_step(tmp_path, 15, proc)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    code, log = _stop(proc)
+    assert time.monotonic() - sent < 30, "workers outlived torchrun's default shutdown timeout"
+    stop = events(tmp_path, "preempted")[0]
+    assert stop["signal"] == "SIGTERM" and stop["checkpoint"], log
+    assert set(stop["ranks"]) == {"0", "1"}
+    code, log = run(tmp_path, STEPS, nproc=2)
+    assert code == 0 and events(tmp_path, "resumed")[0]["step"] == stop["step"], log
+
+
+def test_usr2_through_torchrun_signals_to_handle(tmp_path):
+    proc = start(tmp_path, STEPS, "signal_handler.sig=SIGUSR2", nproc=2,
+                 launcher_args=["--signals-to-handle=SIGTERM,SIGINT,SIGUSR2"])
+    wait_for_step(tmp_path, 15, proc)
+    os.kill(proc.pid, signal.SIGUSR2)
+    code, log = _stop(proc)
+    stop = events(tmp_path, "preempted")
+    assert stop and stop[0]["signal"] == "SIGUSR2", log
+
+
+def test_kubernetes_style_term_to_every_process_at_once(tmp_path):
+    """Agent and workers all get TERM at once, then each worker gets torchrun's forwarded TERM
+    too: the twin delivery must not count as a second signal (no escalation, a clean save)."""
+    proc = start(tmp_path, STEPS, nproc=2)
+    workers = list(worker_pids_by_rank(proc.pid, 2).values())
+    wait_for_step(tmp_path, 15, proc)
+    for pid in [proc.pid, *workers]:
+        os.kill(pid, signal.SIGTERM)
+    code, log = _stop(proc)
+    assert "received again" not in log, log
+    stop = events(tmp_path, "preempted")[0]
+    assert stop["checkpoint"] and set(stop["ranks"]) == {"0", "1"}
+
+
+def test_grace_period_too_short_for_a_save_skips_it_and_says_so(tmp_path):
+    code, log = run(tmp_path, "trainer.max_steps=20", "checkpoint.interval=10")
+    assert code == 0
+    proc = start(tmp_path, STEPS, "checkpoint.interval=0", "checkpoint.resume=never", "scheduler.grace_period=0.5",
+                 "scheduler.save_guess=30")
+    wait_for_step(tmp_path, 30, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    code, log = _stop(proc)
+    stop = events(tmp_path, "preempted")[0]
+    assert code == 143 and stop["checkpoint"] is None and "grace period" in stop["save_skipped"], log
+    assert "without saving" in log
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000010", "step_00000020"]

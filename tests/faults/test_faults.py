@@ -1,0 +1,181 @@
+"""The fault-injection suite: what a cluster can do to a run, and what the run must do about it."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from recipe_helpers import command, events, interrupt_at, losses, run, start, wait_for_step, worker_pids_by_rank
+from preemptible.checkpoint import why_invalid
+
+pytestmark = pytest.mark.slow
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished single-process run with checkpoints at 10, 20, 30, 40 (keep 4), to damage."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    code, log = run(run_dir, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", "checkpoint.keep=4")
+    assert code == 0, log
+    return run_dir
+
+
+def _truncate_shard(d):
+    shard = sorted(d.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda d: _truncate_shard(d), "bytes, the commit says"),
+    (lambda d: (d / ".metadata").unlink(), ".metadata is missing"),
+    (lambda d: (d / "COMMITTED").unlink(), "no COMMITTED marker"),
+    (lambda d: (d / "COMMITTED").write_text("{not json"), "unreadable COMMITTED marker"),
+])
+def test_corrupt_newest_checkpoint_falls_back_to_the_newest_valid(tmp_path, finished, damage, why):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    newest = run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    damage(newest)
+    (run_dir / "checkpoints" / "latest").write_bytes(os.urandom(40))  # garbage `latest` too
+    code, log = run(run_dir, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", "checkpoint.keep=4")
+    assert code == 0, log
+    assert events(run_dir, "resumed")[-1]["step"] == STEPS - 10
+    assert f"skipping {newest}" in log and why in log and "ignoring" in log
+    assert events(run_dir, "done")[-1]["params_sha256"] == events(finished, "done")[-1]["params_sha256"]
+    code, log = run(tmp_path / "explicit", f"checkpoint.resume={newest}")
+    assert code == 2 and "not a valid checkpoint" in log and why in log  # never a silent fresh start
+
+
+def test_full_disk_during_a_save_is_an_error_and_keeps_the_last_checkpoint(tmp_path, finished):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    limit = 64 * 1024  # files may not grow past 64 KiB: the next checkpoint's shard cannot be written
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cmd = command(run_dir, f"trainer.max_steps={STEPS + 20}", "checkpoint.interval=10", "checkpoint.keep=4")
+    proc = subprocess.run(cmd, preexec_fn=small_disk, capture_output=True, text=True, timeout=240)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert "step_00000050 could not be written" in errors[0] and f"step_{STEPS:08d}" in errors[0]
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    assert why_invalid(ckpts / f"step_{STEPS:08d}") is None
+    assert not (ckpts / "step_00000050").exists()
+
+
+def test_hung_rank_and_a_second_signal_dump_stacks_and_exit_within_seconds(tmp_path):
+    """Rank 1 hangs before its collective; rank 0 waits inside it. TERM twice: both dump, both die."""
+    hang = json.dumps([{"at": "step", "step": 10, "rank": 1, "sleep": 3600}])
+    proc = start(tmp_path, "trainer.max_steps=400", nproc=2, env={"PREEMPTIBLE_FAULTS": hang})
+    workers = worker_pids_by_rank(proc.pid, 2)
+    wait_for_step(tmp_path, 10, proc)
+    time.sleep(1.0)
+    for pid in workers.values():
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(1.5)
+    sent = time.monotonic()
+    for pid in workers.values():
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10, "not stopped within seconds"
+    assert out.count("received again") == 2, out
+    assert "faults.py" in out  # rank 1's stack: where it hangs
+    assert "backward" in out   # rank 0's stack: waiting for rank 1 in DDP's gradient all-reduce
+
+
+def test_dataloader_workers_survive_a_signal_to_the_process_group(tmp_path):
+    full = tmp_path / "full"
+    code, log = run(full, f"trainer.max_steps={STEPS}", "data.num_workers=2")
+    assert code == 0, log
+    cut = tmp_path / "cut"
+    proc = start(cut, f"trainer.max_steps={STEPS}", "data.num_workers=2")
+    wait_for_step(cut, 12, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # the recipe and its DataLoader workers, as Ctrl-C or a runtime does
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and events(cut, "preempted")[0]["checkpoint"], out
+    code, log = run(cut, f"trainer.max_steps={STEPS}", "data.num_workers=2")
+    assert code == 0, log
+    assert events(cut, "done")[-1]["params_sha256"] == events(full, "done")[-1]["params_sha256"]
+    assert losses(cut) == losses(full)
+
+
+def test_signal_during_start_up_loses_nothing(tmp_path, finished):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = start(run_dir, f"trainer.max_steps={STEPS + 10}", "checkpoint.interval=10", "checkpoint.keep=4")
+    time.sleep(0.3)  # still importing: no handler yet, the default action ends it
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    code, log = run(run_dir, f"trainer.max_steps={STEPS + 10}", "checkpoint.interval=10", "checkpoint.keep=4")
+    assert code == 0 and events(run_dir, "resumed")[-1]["step"] == STEPS
+
+
+def test_signal_during_resume_loading_stops_after_one_step(tmp_path, finished):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    slow_load = json.dumps([{"at": "load", "sleep": 3}])
+    proc = start(run_dir, f"trainer.max_steps={STEPS + 10}", env={"PREEMPTIBLE_FAULTS": slow_load})
+    out = ""
+    deadline = time.monotonic() + 60
+    while "fault: load" not in out and time.monotonic() < deadline:
+        out += proc.stdout.readline()
+    os.kill(proc.pid, signal.SIGTERM)
+    out += proc.communicate(timeout=60)[0]
+    stop = events(run_dir, "preempted")[-1]
+    assert proc.returncode == 143 and stop["step"] == STEPS + 1 and stop["checkpoint"], out
+
+
+def test_signal_during_the_final_save_completes_the_run(tmp_path):
+    slow_final = json.dumps([{"at": "final_save", "sleep": 3}])
+    proc = start(tmp_path, "trainer.max_steps=20", env={"PREEMPTIBLE_FAULTS": slow_final})
+    out = ""
+    deadline = time.monotonic() + 60
+    while "fault: final_save" not in out and time.monotonic() < deadline:
+        out += proc.stdout.readline()
+    os.kill(proc.pid, signal.SIGTERM)
+    out += proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and events(tmp_path, "done"), out
+    assert "arrived after the last step" in out
+
+
+def test_signal_after_training_finished_loses_nothing(tmp_path):
+    proc = start(tmp_path, "trainer.max_steps=20")
+    deadline = time.monotonic() + 60
+    while not events(tmp_path, "done") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (0, -signal.SIGTERM)
+    assert why_invalid(tmp_path / "checkpoints" / "step_00000020") is None
+    code, log = run(tmp_path, "trainer.max_steps=20")
+    assert code == 0 and events(tmp_path, "resumed")[-1]["step"] == 20
+
+
+@pytest.mark.parametrize("override, words", [
+    ("trainer.max_stepz=3", ["max_stepz"]),
+    ("trainer.max_steps=abc", ["trainer.max_steps='abc'"]),
+    ("checkpoint.interval=-5", ["checkpoint.interval=-5"]),
+    ("checkpoint.keep=0", ["checkpoint.keep=0"]),
+    ("signal_handler.sig=SIGNOPE", ["'SIGNOPE'"]),
+    ("signal_handler.sig=SIGSTOP", ["SIGSTOP cannot be caught"]),
+    ("trainer.stop_check=sometimes", ["trainer.stop_check='sometimes'"]),
+    ("scheduler.requeue=maybe", ["scheduler.requeue='maybe'"]),
+    ("trainer.max_time=-1", ["trainer.max_time=-1"]),
+])
+def test_bad_configuration_writes_nothing(tmp_path, override, words):
+    code, log = run(tmp_path / "new", override)
+    assert code != 0
+    for w in words:
+        assert w in log
+    assert not (tmp_path / "new").exists(), list((tmp_path / "new").rglob("*"))

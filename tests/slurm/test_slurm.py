@@ -1,0 +1,113 @@
+"""The recipe under a real SLURM: signal, requeue, resume; partition preemption; time limit."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recipe_helpers import REPO, TINY, events, losses, run, wait_for_step
+
+pytestmark = pytest.mark.slow
+SBATCH = REPO / "examples" / "slurm" / "finetune.sbatch"
+STEPS = 300
+
+
+def submit(cluster, run_dir: Path, *sbatch_args, overrides=()):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return cluster.sbatch("--ntasks=2", f"--output={run_dir}/slurm-%j.out", "--open-mode=append", f"--chdir={REPO}",
+                          *sbatch_args, str(SBATCH), *TINY, "trainer.log_every=1", *overrides,
+                          env={"PYTHON": sys.executable, "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1",
+                               "PYTHONUNBUFFERED": "1"})
+
+
+def job_log(run_dir: Path) -> str:
+    return "\n".join(p.read_text() for p in run_dir.glob("slurm-*.out"))
+
+
+class _Job:  # what wait_for_step needs from a process
+    def __init__(self, cluster, jid):
+        self.cluster, self.jid, self.returncode = cluster, jid, None
+
+    def poll(self):
+        state = self.cluster.job(self.jid).get("JobState")
+        return None if state in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED") else state
+
+    @property
+    def stdout(self):
+        return type("S", (), {"read": staticmethod(lambda: str(self.cluster.job(self.jid)))})()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("slurm-ref")
+    code, log = run(run_dir, f"trainer.max_steps={STEPS}", nproc=2)
+    assert code == 0, log
+    return run_dir
+
+
+def assert_resumed_equal(run_dir, reference, restarts):
+    done = events(run_dir, "done")
+    assert done, job_log(run_dir)
+    assert done[-1]["params_sha256"] == events(reference, "done")[-1]["params_sha256"]
+    assert losses(run_dir) == losses(reference)
+    assert len(events(run_dir, "resumed")) >= restarts
+
+
+def test_usr2_checkpoint_requeue_resume(cluster, tmp_path, reference):
+    jid = submit(cluster, tmp_path, "--requeue", overrides=[f"trainer.max_steps={STEPS}"])
+    wait_for_step(tmp_path, 20, _Job(cluster, jid))
+    cluster.run("scancel", "--signal=USR2", "--batch", jid)  # as --signal=B:USR2@N delivers it
+    info = cluster.wait(jid, {"COMPLETED"}, timeout=180)
+    assert int(info["Restarts"]) == 1
+    preempted = events(tmp_path, "preempted")
+    assert preempted[0]["signal"] == "SIGUSR2" and set(preempted[0]["ranks"]) == {"0", "1"}
+    log = job_log(tmp_path)
+    assert "forwarding to the tasks" in log and "restart 1" in log
+    assert_resumed_equal(tmp_path, reference, restarts=1)
+
+
+def test_partition_preemption(cluster, tmp_path, reference):
+    jid = submit(cluster, tmp_path, "--requeue", "--partition=debug", "--signal=B:USR2@600",
+                 overrides=[f"trainer.max_steps={STEPS}"])
+    wait_for_step(tmp_path, 20, _Job(cluster, jid))
+    high = cluster.sbatch("--partition=high", f"--ntasks={cluster.cpus}", f"--output={tmp_path}/high-%j.out",
+                          "--wrap", "sleep 3")
+    cluster.wait(high, {"COMPLETED"}, timeout=120)
+    info = cluster.wait(jid, {"COMPLETED"}, timeout=180)
+    assert int(info["Restarts"]) >= 1
+    assert events(tmp_path, "preempted")[0]["signal"] in ("SIGUSR2", "SIGTERM")
+    assert_resumed_equal(tmp_path, reference, restarts=1)
+
+
+def test_time_limit_signal(cluster, tmp_path):
+    """--time=1 --signal=B:USR2@30: SLURM's own tick sends USR2 30-60 s before the limit."""
+    started = time.monotonic()
+    # ~20 ms a step: run 1 is still going when USR2 comes; the requeued run finishes the rest.
+    jid = submit(cluster, tmp_path, "--requeue", "--time=1", "--signal=B:USR2@30",
+                 overrides=["trainer.max_steps=2500", "scheduler.time_limit=false", "data.batch_size=16"])
+    info = cluster.wait(jid, {"COMPLETED", "TIMEOUT", "FAILED"}, timeout=400)
+    log = job_log(tmp_path)
+    assert info["JobState"] == "COMPLETED", log
+    preempted = events(tmp_path, "preempted")
+    assert preempted and preempted[0]["signal"] == "SIGUSR2", log
+    assert events(tmp_path, "done") and len(events(tmp_path, "resumed")) >= 1
+    assert sorted(losses(tmp_path)) == list(range(1, 2501))
+    assert time.monotonic() - started < 400
+
+
+def _in_job(cluster, tmp_path, code: str, *args) -> str:
+    out = tmp_path / "out.txt"
+    jid = cluster.sbatch("--ntasks=1", f"--output={out}", *args, "--wrap", f"{sys.executable} -c '{code}'",
+                         env={"PYTHONPATH": str(REPO / "src")})
+    cluster.wait(jid, {"COMPLETED", "FAILED"}, timeout=60)
+    return out.read_text().strip()
+
+
+def test_end_time_and_requeue_allowed_from_inside_a_job(cluster, tmp_path):
+    code = "from preemptible import slurm; import time; print(round(slurm.job_end_time() - time.time()), slurm.requeue_allowed())"
+    left, allowed = _in_job(cluster, tmp_path, code, "--time=5", "--requeue").split()
+    assert 240 <= int(left) <= 300 and allowed == "True"
+    left, allowed = _in_job(cluster, tmp_path, code, "--time=5", "--no-requeue").split()
+    assert allowed == "False"
