@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 import torch
@@ -28,7 +29,7 @@ from preemptible.metrics import Metrics
 from preemptible.parallel import parallelize
 from preemptible.preemption import agreed_stop, end_time, exit_status, save_skip_reason, want_requeue
 from preemptible.state import TrainState, params_sha256
-from preemptible.stop import Deadline
+from preemptible.stop import Deadline, reason_name
 
 log = logging.getLogger("preemptible.train")
 
@@ -113,6 +114,9 @@ def train(cfg: DictConfig) -> int:
             path = checkpointer.save(progress.step, state)
             metrics.event("done", step=progress.step, params_sha256=params_sha256(model), checkpoint=str(path))
             log.info("done at step %d", progress.step)
+            if handler is not None and handler.received:
+                log.info("%s arrived after the last step: the run is complete and committed, nothing to stop",
+                         reason_name(handler.received[0][0]))
         else:
             estimate = checkpointer.last_save_seconds or cfg.scheduler.save_guess
             skipped = save_skip_reason(stop, cfg.scheduler.grace_period, estimate)
@@ -158,6 +162,24 @@ def stop_check(handler, model, mode: str):
     return handler.should_stop
 
 
+def _forget_failed_start(run_dir: str) -> None:
+    """A new run that failed on its configuration leaves nothing behind: only Hydra's record of it
+    (and an empty log and checkpoint dir) exist then; an existing run's files are never touched."""
+    root = Path(run_dir)
+    if (root / "metrics.jsonl").exists() or any((root / "checkpoints").glob("step_*")):
+        return
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (root / ".hydra" / name).unlink(missing_ok=True)
+    log_file = root / "finetune.log"
+    if log_file.exists() and log_file.stat().st_size == 0:
+        log_file.unlink()
+    for d in (root / ".hydra", root / "checkpoints", root):
+        try:
+            d.rmdir()  # only if empty
+        except OSError:
+            pass
+
+
 class _NoHandler:
     def __enter__(self):
         return self
@@ -172,6 +194,7 @@ def main(cfg: DictConfig) -> None:
         code = train(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        _forget_failed_start(HydraConfig.get().runtime.output_dir)
         code = 2
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

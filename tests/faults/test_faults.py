@@ -6,6 +6,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -43,13 +44,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_newest_valid(tmp_path, fini
     newest = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     damage(newest)
     (run_dir / "checkpoints" / "latest").write_bytes(os.urandom(40))  # garbage `latest` too
+    code, log = run(tmp_path / "explicit", f"checkpoint.resume={newest}")
+    assert code == 2 and "not a valid checkpoint" in log and why in log  # never a silent fresh start
     code, log = run(run_dir, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", "checkpoint.keep=4")
     assert code == 0, log
     assert events(run_dir, "resumed")[-1]["step"] == STEPS - 10
     assert f"skipping {newest}" in log and why in log and "ignoring" in log
     assert events(run_dir, "done")[-1]["params_sha256"] == events(finished, "done")[-1]["params_sha256"]
-    code, log = run(tmp_path / "explicit", f"checkpoint.resume={newest}")
-    assert code == 2 and "not a valid checkpoint" in log and why in log  # never a silent fresh start
 
 
 def test_full_disk_during_a_save_is_an_error_and_keeps_the_last_checkpoint(tmp_path, finished):
@@ -179,3 +180,11 @@ def test_bad_configuration_writes_nothing(tmp_path, override, words):
     for w in words:
         assert w in log
     assert not (tmp_path / "new").exists(), list((tmp_path / "new").rglob("*"))
+
+
+def test_random_preemptions_lose_nothing(tmp_path):
+    """The CI subset of tests/faults/chaos.py (the full run: 24 interruptions, one command)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from chaos import chaos
+    summary = chaos(tmp_path, interruptions=5, seed=3)
+    assert summary["interruptions"] == 5
