@@ -11,6 +11,7 @@ exits 128+signum; the same command again resumes from it, bit-identically.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,12 @@ def train(cfg: DictConfig) -> int:
     train_state = TrainState(model, optimizer, schedule, batches, env.rank, env.world_size)
     state, progress = train_state.dcp, train_state.progress
 
+    def digest(always: bool = False):
+        """params_sha256 where it is written (rank 0), on every rank when sharded (a collective)."""
+        if not (always or cfg.trainer.param_digests):
+            return None
+        return params_sha256(model) if env.is_main or cfg.trainer.parallelism == "fsdp" else None
+
     deadline = Deadline(end_time(cfg.trainer.max_time, cfg.scheduler.time_limit), cfg.scheduler.save_guess,
                         cfg.scheduler.margin)
     if deadline.end is not None and handler is None:
@@ -82,7 +89,7 @@ def train(cfg: DictConfig) -> int:
                 log.warning("world size changed (%d -> %d): model, optimizer, schedule and step are exact; "
                             "data order and RNG streams differ from an uninterrupted run", saved_world, env.world_size)
             metrics.event("resumed", step=progress.step, world_size=env.world_size, saved_world_size=saved_world,
-                          params_sha256=params_sha256(model), **{"from": str(resume_from)})
+                          params_sha256=digest(), **{"from": str(resume_from)})
         metrics.start(progress.step)
 
         # the loop: one step, then the agreed stop check, then a periodic save
@@ -112,7 +119,7 @@ def train(cfg: DictConfig) -> int:
         faults.inject("final_save", progress.step)
         if stop is None:
             path = checkpointer.save(progress.step, state)
-            metrics.event("done", step=progress.step, params_sha256=params_sha256(model), checkpoint=str(path))
+            metrics.event("done", step=progress.step, params_sha256=digest(always=True), checkpoint=str(path))
             log.info("done at step %d", progress.step)
             if handler is not None and handler.received:
                 log.info("%s arrived after the last step: the run is complete and committed, nothing to stop",
@@ -122,8 +129,8 @@ def train(cfg: DictConfig) -> int:
             skipped = save_skip_reason(stop, cfg.scheduler.grace_period, estimate)
             path = None if skipped else checkpointer.save(progress.step, state)
             metrics.event("preempted", step=progress.step, signal=stop.reason, ranks=stop.ranks,
-                          params_sha256=params_sha256(model),
-                          checkpoint=str(path) if path else None, **({"save_skipped": skipped} if skipped else {}))
+                          params_sha256=digest(), checkpoint=str(path) if path else None,
+                          **({"save_skipped": skipped} if skipped else {}))
             if skipped:
                 log.warning("stopped at step %d on %s without saving: %s; the resume starts from %s",
                             progress.step, stop.reason, skipped, checkpointer.last_committed_step or "scratch")
@@ -190,17 +197,20 @@ class _NoHandler:
 
 @hydra.main(config_path="../conf", config_name="finetune", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    error = None
     try:
         code = train(cfg)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        error, code = e, 2
         _forget_failed_start(HydraConfig.get().runtime.output_dir)
-        code = 2
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
+        error, code = e, 1
     finally:
         shutdown()
+    if error is not None:
+        # One write, on a line of its own: failing writer threads may still be printing their tracebacks.
+        sys.stderr.flush()
+        os.write(2, f"\nerror: {error}\n".encode())
     if code:
         sys.exit(code)
 

@@ -122,30 +122,28 @@ def test_signal_during_start_up_loses_nothing(tmp_path, finished):
     assert code == 0 and events(run_dir, "resumed")[-1]["step"] == STEPS
 
 
+def _signal_inside(run_dir, point, *overrides):
+    """Hold `point` open for 3 s with a fault, send SIGTERM while the run is inside it."""
+    slow = json.dumps([{"at": point, "sleep": 3}])
+    proc = start(run_dir, *overrides, env={"PREEMPTIBLE_FAULTS": slow})
+    out = ""
+    deadline = time.monotonic() + 60
+    while f"fault: {point}" not in out and time.monotonic() < deadline:
+        out += proc.stdout.readline()
+    os.kill(proc.pid, signal.SIGTERM)
+    return proc, out + proc.communicate(timeout=60)[0]
+
+
 def test_signal_during_resume_loading_stops_after_one_step(tmp_path, finished):
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
-    slow_load = json.dumps([{"at": "load", "sleep": 3}])
-    proc = start(run_dir, f"trainer.max_steps={STEPS + 10}", env={"PREEMPTIBLE_FAULTS": slow_load})
-    out = ""
-    deadline = time.monotonic() + 60
-    while "fault: load" not in out and time.monotonic() < deadline:
-        out += proc.stdout.readline()
-    os.kill(proc.pid, signal.SIGTERM)
-    out += proc.communicate(timeout=60)[0]
+    proc, out = _signal_inside(run_dir, "load", f"trainer.max_steps={STEPS + 10}")
     stop = events(run_dir, "preempted")[-1]
     assert proc.returncode == 143 and stop["step"] == STEPS + 1 and stop["checkpoint"], out
 
 
 def test_signal_during_the_final_save_completes_the_run(tmp_path):
-    slow_final = json.dumps([{"at": "final_save", "sleep": 3}])
-    proc = start(tmp_path, "trainer.max_steps=20", env={"PREEMPTIBLE_FAULTS": slow_final})
-    out = ""
-    deadline = time.monotonic() + 60
-    while "fault: final_save" not in out and time.monotonic() < deadline:
-        out += proc.stdout.readline()
-    os.kill(proc.pid, signal.SIGTERM)
-    out += proc.communicate(timeout=60)[0]
+    proc, out = _signal_inside(tmp_path, "final_save", "trainer.max_steps=20")
     assert proc.returncode == 0 and events(tmp_path, "done"), out
     assert "arrived after the last step" in out
 
