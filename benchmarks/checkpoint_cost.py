@@ -54,7 +54,9 @@ def main() -> None:
 
     train_step()
     optimizer.step()  # optimizer state exists, as in a real run
-    state = {"model_optim": ModelOptimState(model, optimizer), "progress": Progress(1)}
+    progress = Progress()
+    progress.step = 1
+    state = {"model_optim": ModelOptimState(model, optimizer), "progress": progress}
     nbytes = state_bytes(state["model_optim"].state_dict())
 
     root = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or os.getcwd())

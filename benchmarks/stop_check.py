@@ -1,13 +1,18 @@
-"""What the per-step stop check costs in the reference recipe, and how fast a signal stops it.
+"""What the per-step stop check costs, and how fast a signal stops the reference recipe.
 
-    python benchmarks/stop_check.py [--worlds 2 4] [--repeats 5] [--steps 200]
+    python benchmarks/stop_check.py [--worlds 2 4] [--rounds 40] [--steps-per-block 10]
 
-Runs `recipes/finetune.py` under torchrun (DDP, gloo on CPU; NCCL on GPU) with each stop check,
-configurations alternating within each repeat, and prints per world size the median step time
-and the throughput ratio to no check at all (target for the default: >= 0.99), beside the
-documented per-step `any(signals_received())`. Then sends SIGTERM to one worker mid-run and
-prints how many steps and seconds after delivery every rank stopped (target: <= 2 steps or
-<= 1 s, whichever is later).
+Throughput: N gloo ranks (spawned) run the reference recipe's training step (its GPT, data and
+AdamW, under DDP) and alternate, block by block inside the same run, between five stop checks:
+none; the default (pipelined MAX reduction, interval chosen for <= 1 s latency); the same every
+step; the flag riding on DDP's gradient all-reduce; the documented per-step
+`any(signals_received())`. Alternating inside one run cancels this shared
+machine's drift, which is larger than the effect measured. Printed: median block time per check
+and the throughput ratio to no check (target for the default: >= 0.99).
+
+Latency: the recipe itself under torchrun; SIGTERM to one worker at a random moment; printed:
+the step that was running at delivery, the step all ranks stopped at, steps and seconds between
+(target: <= 2 steps or <= 1 s, whichever is later).
 """
 
 from __future__ import annotations
@@ -30,12 +35,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["model.n_layer=6", "model.n_head=4", "model.n_embd=64", "model.block_size=64", "data.batch_size=8",
          "data.max_bytes=1000000", "model.dropout=0.0", "checkpoint.interval=0", "trainer.log_every=50"]
-CONFIGS = {
-    "no check (signal_handler=null)": ["signal_handler=null"],
-    "default (stop_check=auto)": [],
-    "pipelined MAX (stop_check=reduce)": ["trainer.stop_check=reduce"],
-    "documented all_gather per step": ["trainer.stop_check=all_gather"],
-}
 
 
 def command(run_dir: Path, world: int, steps: int, extra: list[str]) -> list[str]:
@@ -49,28 +48,101 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
-def step_times(run_dir: Path, skip: int = 20) -> list[float]:
-    t = [r["time"] for r in rows(run_dir) if "event" not in r]
-    return [b - a for a, b in zip(t[skip:], t[skip + 1:])]
+def _rank_main(rank: int, world: int, port: int, rounds: int, per_block: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from preemptible import DistributedSignalHandler
+    from preemptible.recipe.data import make_batches
+    from preemptible.recipe.model import GPT
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    shape = dict(block_size=64, n_layer=6, n_head=4, n_embd=64, dropout=0.0)
+
+    def replica(hooked: bool):
+        torch.manual_seed(0)
+        model = DistributedDataParallel(GPT(**shape))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    plain, flagged = replica(False), replica(True)
+    batches = make_batches(rank, world, seed=0, block_size=64, max_bytes=1_000_000, batch_size=8)
+    flag_handler = DistributedSignalHandler("SIGUSR2").__enter__()
+    flag_handler.ride_on_gradients(flagged[0])
+    every_step = DistributedSignalHandler("SIGUSR1", escalate=False, check_every=1).__enter__()
+    default = DistributedSignalHandler("SIGHUP", escalate=False, check_every="auto", max_latency=1.0).__enter__()
+    configs = {
+        "no check": (plain, lambda: False),
+        "default: pipelined MAX, check_every=auto": (plain, default.should_stop),
+        "pipelined MAX every step (check_every=1)": (plain, every_step.should_stop),
+        "flag on the gradient all-reduce": (flagged, flag_handler.should_stop),
+        "documented all_gather every step": (plain, lambda: any(every_step.signals_received())),
+    }
+
+    def step(model, optimizer, check):
+        x, y = next(batches)
+        loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return check()
+
+    for (model, optimizer), check in configs.values():  # warm up every path
+        for _ in range(5):
+            step(model, optimizer, check)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    order = list(configs)
+    shuffle = random.Random(0)  # the same order on every rank
+    for _ in range(rounds):
+        shuffle.shuffle(order)  # a fresh order each round: no check always follows the same one
+        for name in order:
+            (model, optimizer), check = configs[name]
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(per_block):
+                step(model, optimizer, check)
+            times[name].append((time.perf_counter() - t0) / per_block)
+    intervals = default._vote.every
+    for h in (default, every_step, flag_handler):
+        h.release()
+    if rank == 0:
+        Path(out).write_text(json.dumps({"times": times, "auto_every": intervals}))
+    dist.barrier()
+    del configs, plain, flagged  # DDP reducers go before their process group
+    dist.destroy_process_group()
 
 
-def throughput(worlds: list[int], repeats: int, steps: int, root: Path) -> None:
+def throughput(worlds: list[int], rounds: int, per_block: int, root: Path) -> None:
+    import torch.multiprocessing as mp
+
     for world in worlds:
-        per_run: dict[str, list[float]] = {name: [] for name in CONFIGS}
-        for rep in range(repeats):
-            for name, extra in CONFIGS.items():
-                run_dir = root / f"w{world}-r{rep}-{len(per_run[name])}-{abs(hash(name))}"
-                subprocess.run(command(run_dir, world, steps, extra), check=True, cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                per_run[name].append(statistics.median(step_times(run_dir)))
-        base = per_run["no check (signal_handler=null)"]
-        print(f"\nworld size {world}: {repeats} repeats x {steps} steps (first 20 skipped); ratio = median over "
-              "repeats of (no-check step time / this step time), runs of one repeat adjacent")
-        print(f"  {'stop check':38s} {'ms/step':>8s} {'throughput ratio':>17s} {'per repeat':>s}")
-        for name, values in per_run.items():
-            ratios = [b / v for b, v in zip(base, values)]
-            print(f"  {name:38s} {statistics.median(values) * 1e3:8.2f} {statistics.median(ratios):17.3f} "
-                  f"  {' '.join(f'{r:.3f}' for r in ratios)}")
+        out = root / f"times-{world}.json"
+        with socket_port() as port:
+            mp.start_processes(_rank_main, args=(world, port, rounds, per_block, str(out)), nprocs=world,
+                               start_method="spawn")
+        result = json.loads(out.read_text())
+        times = result["times"]
+        base = times["no check"]
+        print(f"\nworld size {world}: {rounds} rounds; each round runs every check for a block of {per_block} steps, "
+              f"in a fresh random order; ratio = median over rounds of (no-check block time / this check's block "
+              f"time in the same round); check_every=auto settled on every {result['auto_every']} steps")
+        print(f"  {'stop check':44s} {'ms/step':>8s} {'throughput ratio':>17s}")
+        for name, values in times.items():
+            ratio = statistics.median(b / v for b, v in zip(base, values))
+            print(f"  {name:44s} {statistics.median(values) * 1e3:8.2f} {ratio:17.3f}")
+
+
+class socket_port:
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def latency(worlds: list[int], repeats: int, root: Path) -> None:
@@ -112,14 +184,15 @@ def _worker_of_rank(agent: int, rank: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--steps-per-block", type=int, default=10)
+    ap.add_argument("--latency-runs", type=int, default=3)
     args = ap.parse_args()
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus | torch {torch.__version__} | "
           f"backend {'nccl' if torch.cuda.is_available() else 'gloo'} | DDP | model: {' '.join(MODEL)}")
     with tempfile.TemporaryDirectory(prefix="stop-bench-", dir=REPO) as tmp:
-        throughput(args.worlds, args.repeats, args.steps, Path(tmp))
-        latency(args.worlds, 3, Path(tmp))
+        throughput(args.worlds, args.rounds, args.steps_per_block, Path(tmp))
+        latency(args.worlds, args.latency_runs, Path(tmp))
 
 
 if __name__ == "__main__":

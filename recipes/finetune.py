@@ -150,19 +150,19 @@ def train(cfg: DictConfig) -> int:
 def stop_check(handler, model, mode: str):
     """The per-step question "stop now?", answered the same on every rank at the same step.
 
-    auto: on the gradients' all-reduce for DDP on CPU (no extra collective), else the handler's
-    pipelined MAX reduction; reduce / gradients: force one; all_gather: the documented per-step
-    `any(signals_received())`, kept for comparison.
+    reduce: the handler's pipelined MAX reduction on a CPU group, as often as
+    signal_handler.check_every says ('auto': as rarely as a stop within max_latency allows);
+    gradients: the flag rides on DDP's gradient all-reduce (no collective of its own);
+    all_gather: the documented per-step `any(signals_received())`, kept for comparison.
     """
-    modes = ("auto", "reduce", "gradients", "all_gather")
+    modes = ("reduce", "gradients", "all_gather")
     if mode not in modes:
         raise ConfigError(f"trainer.stop_check={mode!r}; expected one of {', '.join(modes)}")
     if handler is None:
         return lambda: False
-    ddp = isinstance(model, DistributedDataParallel)
-    if mode == "gradients" and not ddp:
-        raise ConfigError("trainer.stop_check=gradients needs DDP (torchrun with more than one rank); use auto")
-    if mode == "gradients" or (mode == "auto" and ddp and next(model.parameters()).device.type == "cpu"):
+    if mode == "gradients":
+        if not isinstance(model, DistributedDataParallel):
+            raise ConfigError("trainer.stop_check=gradients needs DDP with more than one rank; use reduce")
         handler.ride_on_gradients(model)
     if mode == "all_gather":
         return lambda: any(handler.signals_received())

@@ -14,12 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "finetune.py"
 # Small enough that a step is milliseconds on 2 oversubscribed cores.
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=4",
-        "data.max_bytes=200000", "trainer.log_every=1", "lr_schedule.warmup_steps=5"]
+        "data.max_bytes=200000", "trainer.log_every=1", "lr_schedule.warmup_steps=5",
+        # Millisecond steps: agree every step so tests can aim signals at steps (the default,
+        # check_every=auto, is tested on its own: a stop within max_latency seconds).
+        "signal_handler.check_every=1"]
 
 
-def command(run_dir, *overrides, nproc=1, nnodes=1, node_rank=0, port=None, launcher_args=()):
-    args = [str(RECIPE), f"hydra.run.dir={run_dir}", *TINY, *overrides]
-    if nproc == 1 and nnodes == 1:
+def command(run_dir, *overrides, nproc=1, nnodes=1, node_rank=0, port=None, launcher_args=(), launcher=False):
+    """The recipe's command line: plain python for one process, torchrun otherwise (or if asked)."""
+    tiny = TINY if "signal_handler=null" not in overrides else [o for o in TINY if not o.startswith("signal_handler.")]
+    args = [str(RECIPE), f"hydra.run.dir={run_dir}", *tiny, *overrides]
+    if nproc == 1 and nnodes == 1 and not launcher:
         return [sys.executable, *args]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *launcher_args]
     if nnodes == 1:

@@ -205,6 +205,10 @@ def _resolve_group(spec: Any) -> Optional["dist.ProcessGroup"]:
 
 
 def _check_group_spec(spec: Any) -> None:
+    """Reject what can never become a group now, before anything is installed or built."""
+    if isinstance(spec, str) and spec not in ("world", "default", "cpu") and spec not in dist.Backend.backend_list:
+        raise ValueError(f"group {spec!r} is neither 'world', 'cpu' nor a backend name "
+                         f"({', '.join(dist.Backend.backend_list)}); a side group for a stop flag is usually 'gloo'")
     if spec is None or isinstance(spec, (str, dist.ProcessGroup)) or callable(spec):
         return
     _resolve_group(spec)  # raises the descriptive ValueError
@@ -240,7 +244,9 @@ class DistributedSignalHandler:
       chain:      also call the previous Python-level handler after recording.
       escalate:   a repeat of the same signal more than `escalate_after` seconds after the first,
                   while still pending, dumps all stacks and falls back to the original disposition.
-      check_every, pipelined: how `should_stop()` reduces (see `preemptible.stop.AgreedMax`).
+      check_every, pipelined, max_latency: how `should_stop()` reduces: every N-th call, or
+                  'auto' (as rarely as a stop within `max_latency` seconds allows); see
+                  `preemptible.stop.AgreedMax`.
     """
 
     def __init__(
@@ -252,8 +258,9 @@ class DistributedSignalHandler:
         chain: bool = False,
         escalate: bool = True,
         escalate_after: float = 1.0,
-        check_every: int = 1,
+        check_every: Any = 1,
         pipelined: bool = True,
+        max_latency: float = 1.0,
     ):
         self.signals = parse_signals(sig)
         self.sig = sig
@@ -269,7 +276,7 @@ class DistributedSignalHandler:
         self.chain = chain
         self.escalate = escalate
         self.escalate_after = float(escalate_after)
-        self._vote = AgreedMax(every=check_every, pipelined=pipelined)
+        self._vote = AgreedMax(every=check_every, pipelined=pipelined, max_latency=max_latency)
         self._installed = False
         self.released = True
         self._original: dict[int, Any] = {}

@@ -1,8 +1,9 @@
 """The cheap, agreed stop decision: every rank gets the same answer at the same step.
 
-A MAX reduction of one int (not a world-size all_gather, not a rank-0 broadcast: any rank may
-be the one that saw the signal). Pipelined by default: the reduction started at call k is read
-at call k+1, so the loop never blocks on it, at the price of one step of latency.
+A MAX reduction of two ints, the flag and an interval proposal (not a world-size all_gather,
+not a rank-0 broadcast: any rank may be the one that saw the signal). Pipelined: the reduction
+started at one check is read at the next, so the loop never blocks on it; issued only as often
+as the latency budget needs, so its cost vanishes next to the steps between.
 """
 
 from __future__ import annotations
@@ -27,53 +28,90 @@ def reason_name(code: int) -> str:
 class AgreedMax:
     """MAX of a small non-negative int across `group`, sticky once non-zero.
 
-    Every rank must call it the same number of times. With `every=N` a reduction is issued on
-    every N-th call only (the others return the last agreed value); with `pipelined=True` the
-    value read at a call is the one reduced at the previous reduction call.
+    Every rank must call it the same number of times (once per step). A reduction is issued on
+    every `every`-th call only; the calls between return the last agreed value. Pipelined, the
+    value read at a reduction call is the one reduced at the previous reduction call.
+
+    `every="auto"`: the interval adapts so that a stop comes within `max_latency` seconds of a
+    signal (<= 2 intervals) while reducing as rarely as that allows. Each rank measures its own
+    step time and proposes an interval; the proposals ride in the same reduction (MAX of the
+    negated value = the smallest proposal), so every rank switches to the same interval at the
+    same call and the ranks stay in lockstep.
     """
 
-    def __init__(self, group: Optional["dist.ProcessGroup"] = None, every: int = 1, pipelined: bool = True,
-                 device: Optional[torch.device] = None):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"check_every={every!r}; expected an int >= 1 (1 = every step)")
-        self.group, self.every, self.pipelined = group, every, pipelined
+    def __init__(self, group: Optional["dist.ProcessGroup"] = None, every: Any = 1, pipelined: bool = True,
+                 device: Optional[torch.device] = None, max_latency: float = 1.0):
+        if every != "auto" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"check_every={every!r}; expected an int >= 1 (1 = every step) or 'auto'")
+        if not max_latency > 0:
+            raise ValueError(f"max_latency={max_latency!r}; expected seconds > 0")
+        self.group, self.auto, self.pipelined, self.max_latency = group, every == "auto", pipelined, max_latency
+        self.fixed = 1 if self.auto else every
         self.device = device or torch.device("cpu")
         self.reset()
 
     def reset(self) -> None:
         self.value = 0
         self.calls = 0
+        self.every = self.fixed  # the agreed interval now (identical on every rank)
+        self._next = self.every  # the call that issues the next reduction
+        self._step_seconds = 0.0
+        self._last_call: Optional[float] = None
         self._work: Any = None
         self._buf: Optional[torch.Tensor] = None
 
     def _ready(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
+    def _proposal(self) -> int:
+        if not self.auto or self._step_seconds <= 0:
+            return self.fixed
+        # A signal waits for the next reduction (<= 1 interval) and its result (1 more), plus the
+        # step it landed in: a third of the budget per interval leaves room for slower steps.
+        return max(1, min(10_000, int(self.max_latency / (3 * self._step_seconds))))
+
+    def _apply(self, reduced: torch.Tensor) -> None:
+        flag, neg_every = (int(v) for v in reduced.tolist())
+        self.value = max(self.value, flag)
+        self.every = -neg_every
+
     def _collect(self) -> None:
         if self._work is not None:
             self._work.wait()
-            self.value = max(self.value, int(self._buf.item()))
+            self._apply(self._buf)
             self._work, self._buf = None, None
 
     def drain(self) -> None:
         """Finish an in-flight reduction (before other collectives on the group, or release)."""
         self._collect()
 
+    def _time_step(self) -> None:
+        now = time.perf_counter()
+        if self._last_call is not None:
+            dt = now - self._last_call
+            if self._step_seconds:  # one long gap (a save, an eval) moves it at most 2x a call
+                dt = min(dt, 2 * self._step_seconds)
+            self._step_seconds = dt if self._step_seconds == 0.0 else 0.8 * self._step_seconds + 0.2 * dt
+        self._last_call = now
+
     def __call__(self, local: int) -> int:
         self.calls += 1
         if not self._ready():
             self.value = max(self.value, int(local))
             return self.value
-        if self.value or self.calls % self.every:
+        if self.auto:
+            self._time_step()
+        if self.value or self.calls < self._next:
             return self.value  # decided already (same on every rank), or not a reduction call
-        buf = torch.tensor([int(local)], dtype=torch.int32, device=self.device)
+        buf = torch.tensor([int(local), -self._proposal()], dtype=torch.int64, device=self.device)
         if self.pipelined:
             self._collect()
             self._work = dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
             self._buf = buf
         else:
             dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
-            self.value = max(self.value, int(buf.item()))
+            self._apply(buf)
+        self._next = self.calls + self.every
         return self.value
 
 

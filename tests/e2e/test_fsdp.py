@@ -1,5 +1,7 @@
 """FSDP2 (fully_shard) on CPU/gloo: sharded checkpoints, exact resume, resume on other world sizes."""
 
+import re
+
 import pytest
 
 from recipe_helpers import events, interrupt_at, losses, run
@@ -13,9 +15,12 @@ def test_fsdp_interrupted_then_resumed_is_bit_identical(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     code, log = run(full, *FSDP, nproc=2)
     assert code == 0, log
-    code, log = interrupt_at(cut, 17, *FSDP, "checkpoint.async_save=true", nproc=2, rank=1)
+    code, log = interrupt_at(cut, 17, *FSDP, "checkpoint.async_save=true", "scheduler.grace_period=30",
+                             nproc=2, rank=1)
     stop = events(cut, "preempted")[0]
-    assert stop["ranks"] == {"1": "SIGTERM"} and stop["checkpoint"], log
+    assert stop["ranks"] == {"1": "SIGTERM"} and stop["checkpoint"], log  # saved inside torchrun's 30 s
+    agreed = re.findall(r"\[rank (\d)\].*stop agreed at step (\d+)", log)
+    assert {r for r, _ in agreed} == {"0", "1"} and {int(s) for _, s in agreed} == {stop["step"]}
     shards = sorted(p.name for p in (cut / "checkpoints" / f"step_{stop['step']:08d}").iterdir())
     assert sum(name.startswith("__0_") for name in shards) and sum(name.startswith("__1_") for name in shards)
     code, log = run(cut, *FSDP, "checkpoint.async_save=true", nproc=2)

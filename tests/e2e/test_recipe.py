@@ -33,7 +33,8 @@ def assert_same_run(resumed, reference):
 
 
 @pytest.mark.parametrize("nproc, extra", [(1, "checkpoint.async_save=false"), (2, "checkpoint.async_save=false"),
-                                          (1, "checkpoint.async_save=true"), (2, "checkpoint.async_save=true")])
+                                          (1, "checkpoint.async_save=true"), (2, "checkpoint.async_save=true"),
+                                          (2, "trainer.stop_check=gradients")])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, reference, nproc, extra):
     code, log = interrupt_at(tmp_path, 17, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", extra, nproc=nproc)
     preempted = events(tmp_path, "preempted")
@@ -57,6 +58,17 @@ def test_signal_to_one_torchrun_worker_stops_every_rank_at_the_same_step(tmp_pat
     code, log = run(tmp_path, f"trainer.max_steps={STEPS}", nproc=2)
     assert code == 0, log
     assert_same_run(tmp_path, reference[2])
+
+
+def test_default_adaptive_check_agrees_on_a_step(tmp_path):
+    """check_every=auto: the interval grows with short steps; every rank still stops at one step."""
+    code, log = interrupt_at(tmp_path, 150, "trainer.max_steps=100000", "signal_handler.check_every=auto",
+                             nproc=2, rank=1)
+    stops = re.findall(r"\[rank (\d)\].*stop agreed at step (\d+).*agreeing every (\d+) steps", log)
+    assert {r for r, _, _ in stops} == {"0", "1"}, log
+    assert len({s for _, s, _ in stops}) == 1 and len({e for _, _, e in stops}) == 1
+    assert int(stops[0][2]) > 1  # millisecond steps: it reduces far less often than every step
+    assert events(tmp_path, "preempted")[0]["checkpoint"]
 
 
 def test_sigusr2_from_the_command_line(tmp_path):

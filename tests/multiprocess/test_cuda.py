@@ -51,3 +51,14 @@ def test_nccl_device_follows_the_group(nccl_world):
     assert get_device(0) == torch.device("cuda:0")
     side = dist.new_group(backend="gloo")
     assert get_device(0, group=side) == torch.device("cpu")
+
+
+def test_fsdp_recipe_on_one_gpu_smoke(tmp_path):
+    """World size 1 with NCCL: FSDP2, a sharded save, a resume."""
+    from recipe_helpers import events, run
+    code, log = run(tmp_path, "trainer.parallelism=fsdp", "trainer.max_steps=20", "checkpoint.interval=10",
+                    "trainer.device=cuda", nproc=1, launcher=True)
+    assert code == 0, log
+    code, log = run(tmp_path, "trainer.parallelism=fsdp", "trainer.max_steps=30", "trainer.device=cuda",
+                    nproc=1, launcher=True)
+    assert code == 0 and events(tmp_path, "resumed")[0]["step"] == 20, log

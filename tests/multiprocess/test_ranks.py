@@ -205,3 +205,25 @@ def test_stop_flag_rides_on_ddp_gradients(tmp_path, world):
     assert all(r["by_rank"] == [0] * (world - 1) + [int(signal.SIGUSR2)] for r in results)
     assert all(r["weights"] == results[0]["weights"] for r in results)
     assert all(r["diff"] < 1e-6 for r in results)  # gradients averaged as by DDP's own all-reduce
+
+
+def _auto_interval(rank, world):
+    handler = DistributedSignalHandler("SIGUSR2", check_every="auto", max_latency=0.2)
+    with handler:
+        step, signalled_at = 0, None
+        while not handler.should_stop():
+            time.sleep(0.005)  # a 5 ms step: at most 0.2 s latency allows ~20 steps between reductions
+            step += 1
+            if rank == 1 and step == 60:
+                signalled_at = time.monotonic()
+                os.kill(os.getpid(), signal.SIGUSR2)
+            assert step < 1000
+        return {"stop_step": step, "every": handler._vote.every, "calls": handler._vote.calls}
+
+
+def test_auto_interval_is_agreed_and_bounded(tmp_path):
+    results = run_ranks(_auto_interval, 2, tmp_path)
+    assert results[0]["stop_step"] == results[1]["stop_step"] and results[0]["every"] == results[1]["every"]
+    every = results[0]["every"]
+    assert 5 <= every <= 25, every  # adapted to the step time, not every step
+    assert 60 <= results[0]["stop_step"] <= 60 + 2 * every + 1

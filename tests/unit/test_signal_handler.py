@@ -143,6 +143,8 @@ def test_bad_keyword_values():
         DistributedSignalHandler(local_rank=-1)
     with pytest.raises(ValueError, match="group 3"):
         DistributedSignalHandler(group=3)
+    with pytest.raises(ValueError, match="group 'glue'.*gloo"):
+        DistributedSignalHandler(group="glue")
 
 
 def test_all_gather_item_without_dist():
