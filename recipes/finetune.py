@@ -79,15 +79,9 @@ def train(cfg: DictConfig) -> int:
         # resume from the newest committed checkpoint, if any
         resume_from = checkpointer.resume_path()
         if resume_from is not None:
-            saved_world = checkpointer.world_size_of(resume_from)
-            checkpointer.load(resume_from, train_state.to_load(saved_world))
-            train_state.after_load(saved_world, cfg.seed)
-            checkpointer.last_committed_step = progress.step
+            saved_world = train_state.restore(checkpointer, resume_from, cfg.seed)
             log.info("resumed from %s at step %d (written by %d ranks, now %d)", resume_from, progress.step,
                      saved_world, env.world_size)
-            if saved_world != env.world_size:
-                log.warning("world size changed (%d -> %d): model, optimizer, schedule and step are exact; "
-                            "data order and RNG streams differ from an uninterrupted run", saved_world, env.world_size)
             metrics.event("resumed", step=progress.step, world_size=env.world_size, saved_world_size=saved_world,
                           params_sha256=digest(), **{"from": str(resume_from)})
         metrics.start(progress.step)

@@ -6,11 +6,14 @@ Per-rank state differs between ranks, so it is saved under a per-rank key as one
 
 from __future__ import annotations
 
+import logging
 import pickle
 import random
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 try:
     import numpy as np
@@ -95,6 +98,17 @@ class TrainState:
         self.progress = Progress(batches, world_size)
         self.dcp = {"model_optim": ModelOptimState(model, optimizer), "lr_schedule": schedule,
                     "progress": self.progress, f"rank{rank}": RankState(batches)}
+
+    def restore(self, checkpointer: Any, path: Any, seed: int) -> int:
+        """Load a committed checkpoint, on this world size or another; returns the one that wrote it."""
+        saved_world = checkpointer.world_size_of(path)
+        checkpointer.load(path, self.to_load(saved_world))
+        self.after_load(saved_world, seed)
+        checkpointer.last_committed_step = self.progress.step
+        if saved_world != self.world_size:
+            log.warning("world size changed (%d -> %d): model, optimizer, schedule and step are exact; "
+                        "data order and RNG streams differ from an uninterrupted run", saved_world, self.world_size)
+        return saved_world
 
     def to_load(self, saved_world_size: int) -> dict[str, Any]:
         """Same world size: everything. Another: the per-rank parts do not exist for every rank."""
