@@ -54,5 +54,8 @@ def test_signal_handler_overrides_from_the_command_line():
     handler = instantiate(cfg.signal_handler)
     assert [s.name for s in handler.signals] == ["SIGUSR2", "SIGTERM"]
     assert isinstance(handler._group_spec, functools.partial)  # built only once dist is up
+    cfg = _compose("signal_handler.group=gloo", "signal_handler.local_rank=2", "signal_handler.sig=[SIGUSR2,SIGTERM]")
+    handler = instantiate(cfg.signal_handler)
+    assert handler._group_spec == "gloo" and handler.local_rank == 2 and len(handler.signals) == 2
     cfg = _compose("~signal_handler")
     assert cfg.get("signal_handler") is None
