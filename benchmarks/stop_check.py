@@ -190,7 +190,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus | torch {torch.__version__} | "
           f"backend {'nccl' if torch.cuda.is_available() else 'gloo'} | DDP | model: {' '.join(MODEL)}")
-    with tempfile.TemporaryDirectory(prefix="stop-bench-", dir=REPO) as tmp:
+    with tempfile.TemporaryDirectory(prefix="stop-bench-") as tmp:
         throughput(args.worlds, args.rounds, args.steps_per_block, Path(tmp))
         latency(args.worlds, args.latency_runs, Path(tmp))
 
