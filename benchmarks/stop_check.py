@@ -103,7 +103,7 @@ def _rank_main(rank: int, world: int, port: int, rounds: int, per_block: int, ou
             for _ in range(per_block):
                 step(model, optimizer, check)
             times[name].append((time.perf_counter() - t0) / per_block)
-    intervals = default._vote.every
+    intervals = default.check_interval
     for h in (default, every_step, flag_handler):
         h.release()
     if rank == 0:

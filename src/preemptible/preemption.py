@@ -39,7 +39,7 @@ def agreed_stop(handler, step: int) -> Stop:
     first = handler.received[0][1] if handler.received else math.inf
     earliest = min(all_gather_item(first, torch.float64, group=handler.group, local_rank=handler.local_rank))
     stop = Stop(max(by_rank), step, {str(r): reason_name(s) for r, s in enumerate(by_rank) if s}, earliest)
-    every = getattr(handler._vote, "every", None)
+    every = handler.check_interval
     log.info("stop agreed at step %d: %s%s", step, ", ".join(f"rank {r}: {s}" for r, s in stop.ranks.items()),
              f" (agreeing every {every} steps)" if every else "")
     return stop

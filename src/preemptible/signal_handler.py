@@ -198,10 +198,12 @@ def _resolve_group(spec: Any) -> Optional["dist.ProcessGroup"]:
         return spec
     if callable(spec):  # a Hydra `_partial_` factory such as torch.distributed.new_group
         return spec()
-    raise ValueError(
-        f"group {spec!r} is not usable; expected None/'world', 'cpu', a backend name such as 'gloo', "
-        "a ProcessGroup, or a factory (Hydra `_partial_: true` node)"
-    )
+    raise ValueError(_bad_group(spec))
+
+
+def _bad_group(spec: Any) -> str:
+    return (f"group {spec!r} is not usable; expected None/'world', 'cpu', a backend name such as 'gloo', "
+            "a ProcessGroup, or a factory (Hydra `_partial_: true` node)")
 
 
 def _check_group_spec(spec: Any) -> None:
@@ -209,9 +211,8 @@ def _check_group_spec(spec: Any) -> None:
     if isinstance(spec, str) and spec not in ("world", "default", "cpu") and spec not in dist.Backend.backend_list:
         raise ValueError(f"group {spec!r} is neither 'world', 'cpu' nor a backend name "
                          f"({', '.join(dist.Backend.backend_list)}); a side group for a stop flag is usually 'gloo'")
-    if spec is None or isinstance(spec, (str, dist.ProcessGroup)) or callable(spec):
-        return
-    _resolve_group(spec)  # raises the descriptive ValueError
+    if not (spec is None or isinstance(spec, (str, dist.ProcessGroup)) or callable(spec)):
+        raise ValueError(_bad_group(spec))
 
 
 def _reset_to_default_and_raise(signum: int) -> None:
@@ -428,6 +429,11 @@ class DistributedSignalHandler:
     def local_signal(self) -> int:
         """The first signal this rank received since enter (else a requested stop's code), 0 if none."""
         return self.received[0][0] if self.received else self._requested
+
+    @property
+    def check_interval(self) -> Optional[int]:
+        """Steps between reductions agreed now (None when the flag rides on gradients)."""
+        return self._vote.every if isinstance(self._vote, AgreedMax) else None
 
     def request_stop(self, code: int = DEADLINE) -> None:
         """Vote to stop as if a signal had arrived (the job's time limit is near): agreed the same way."""
