@@ -1,7 +1,7 @@
 """The one place that writes and reads checkpoints (torch.distributed.checkpoint, DCP).
 
 A checkpoint counts only when committed: every rank's files are written and fsync'd (DCP's
-FileSystemWriter), `.metadata` exists, rank 0 has written a `COMMITTED` marker listing every file
+FileSystemWriter, flushing as it writes: storage.py; `fsync=false` trades this for speed), `.metadata` exists, rank 0 has written a `COMMITTED` marker listing every file
 with its size, and renamed `step_N.partial/` to `step_N/`. `latest` is replaced atomically after
 that. Older ones are pruned only after a newer one is committed. Resume takes the newest valid
 checkpoint and says what it skipped and why.
@@ -16,8 +16,9 @@ import re
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from preemptible.distributed import barrier, broadcast_object, is_distributed
 from preemptible import faults
 from preemptible.errors import CheckpointError, ConfigError
+from preemptible.storage import file_writer
 
 log = logging.getLogger(__name__)
 # DCP says this on every single-process save/load; single process is a supported mode here.
@@ -37,7 +39,9 @@ LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def _fsync_path(path: Path) -> None:
+def _fsync_path(path: Path, durable: bool = True) -> None:
+    if not durable:
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -45,14 +49,25 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str, durable: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    _fsync_path(path.parent, durable)
+
+
+@contextmanager
+def _zip_crc32(enabled: bool) -> Iterator[None]:
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(enabled)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 def step_of(path: Path) -> Optional[int]:
@@ -101,20 +116,36 @@ class Checkpointer:
     async_save: periodic saves stage the state in memory and write it in a background thread
               (DCP `async_save` on a gloo side group of its own); a stop or the end waits for it.
     write_threads: files written in parallel per rank (DCP's thread_count).
+    fsync:    make every file, the marker and `latest` durable before the save returns (default).
+              false: a checkpoint survives the process being killed (the page cache is the
+              kernel's), not a crash of the node's kernel or a power loss before the kernel has
+              written it back (about 30 s on Linux defaults): torch.save's own durability.
+    writeback_mib: ask the kernel to start flushing each file every this many MiB written, so the
+              final fsync has little left to do (0: everything is flushed at the fsync).
+    zip_crc32: let torch.save compute the zip CRC-32 of every tensor in a synchronous save.
+              torch.load never checks it, and it is half the CPU time of writing; what resume
+              checks is the commit marker's file sizes.
     """
 
     def __init__(self, dir: Optional[str] = None, interval: int = 100, keep: int = 2, resume: str = "auto",
-                 async_save: bool = False, write_threads: int = 8):
+                 async_save: bool = False, write_threads: int = 2, fsync: bool = True, writeback_mib: int = 8, zip_crc32: bool = False):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
             raise ConfigError(f"checkpoint.interval={interval!r}; expected an int >= 0 (0 = only on stop and at the end)")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ConfigError(f"checkpoint.keep={keep!r}; expected an int >= 1 (the newest committed checkpoints kept)")
         if isinstance(write_threads, bool) or not isinstance(write_threads, int) or write_threads < 1:
             raise ConfigError(f"checkpoint.write_threads={write_threads!r}; expected an int >= 1")
+        for name, value in (("fsync", fsync), ("zip_crc32", zip_crc32)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"checkpoint.{name}={value!r}; expected true or false")
+        if isinstance(writeback_mib, bool) or not isinstance(writeback_mib, int) or writeback_mib < 0:
+            raise ConfigError(f"checkpoint.writeback_mib={writeback_mib!r}; expected an int >= 0 "
+                              "(0 = flush only at the final fsync)")
         if not isinstance(resume, str) or not resume:
             raise ConfigError(f"checkpoint.resume={resume!r}; expected auto, never or a checkpoint directory")
         self.dir, self.interval, self.keep, self.resume = dir, interval, keep, resume
         self.async_save, self.write_threads = bool(async_save), write_threads
+        self.fsync, self.writeback_mib, self.zip_crc32 = bool(fsync), writeback_mib, bool(zip_crc32)
         self.root: Optional[Path] = None
         self.rank = 0
         self.last_committed_step: Optional[int] = None
@@ -225,7 +256,7 @@ class Checkpointer:
         if self.rank == 0 and partial.exists():
             shutil.rmtree(partial)  # a torn earlier attempt at the same step
         barrier()
-        writer = dcp.FileSystemWriter(str(partial), sync_files=True, thread_count=self.write_threads)
+        writer = file_writer(partial, self.write_threads, self.fsync, self.writeback_mib << 20)
         if self.async_save and not wait:
             response = dcp.async_save(state, storage_writer=writer, process_group=self._group,
                                       async_stager=self._async_stager())
@@ -233,7 +264,8 @@ class Checkpointer:
             self._inflight = (step, partial, final, response.upload_completion, started)
             return final
         try:
-            dcp.save(state, storage_writer=writer)  # returns after .metadata is written by the coordinator
+            with _zip_crc32(self.zip_crc32):  # safe to switch here: nothing else is saving meanwhile
+                dcp.save(state, storage_writer=writer)  # returns after .metadata is written by the coordinator
             faults.inject("save", step)
             if self.rank == 0:
                 self._commit(partial, final, step)
@@ -300,7 +332,7 @@ class Checkpointer:
         files = {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file()}
         world = dist.get_world_size() if is_distributed() else 1
         _write_atomic(partial / COMMIT, json.dumps({"step": step, "world_size": world, "time": time.time(),
-                                                    "files": files}))
+                                                    "files": files}), self.fsync)
         if final.exists():  # an older run's checkpoint at the same step (resume=never): replace it
             old = final.with_name(final.name + ".replaced")
             shutil.rmtree(old, ignore_errors=True)
@@ -309,8 +341,8 @@ class Checkpointer:
             shutil.rmtree(old)
         else:
             os.rename(partial, final)
-        _fsync_path(self.root)
-        _write_atomic(self.root / LATEST, final.name + "\n")
+        _fsync_path(self.root, self.fsync)
+        _write_atomic(self.root / LATEST, final.name + "\n", self.fsync)
         self._prune(final)
 
     def _prune(self, newest: Path) -> None:
