@@ -48,19 +48,22 @@ class _EarlyFlushStream:
     def __init__(self, f: Any, kick_bytes: int, kick: Callable[[int, int, int], None]):
         self._f, self._kick_bytes, self._kick = f, kick_bytes, kick
         self._fd = f.fileno()
-        self._kicked = 0  # bytes before this offset have been handed to the kernel
+        self._written = f.tell()  # counted here: tell() is a system call, and zip headers are many small writes
+        self._kicked = self._written  # bytes before this offset have been handed to the kernel
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preemptible-writeback")
 
     def write(self, b: Any) -> int:
         view = memoryview(b).cast("B")
-        step = self._kick_bytes
-        for start in range(0, len(view), step):  # a tensor of 1 GiB starts flushing after its first slice
-            self._f.write(view[start:start + step])
-            end = self._f.tell()
-            if end - self._kicked >= step:
+        done = 0
+        while done < len(view):  # up to each kick boundary: a 1 GiB tensor starts flushing after 8 MiB
+            chunk = view[done:done + self._kicked + self._kick_bytes - self._written]
+            self._f.write(chunk)
+            done += len(chunk)
+            self._written += len(chunk)
+            if self._written - self._kicked >= self._kick_bytes:
                 self._f.flush()  # the bytes must be in the page cache before writeback can see them
-                self._pool.submit(self._kick, self._fd, self._kicked, end - self._kicked)
-                self._kicked = end
+                self._pool.submit(self._kick, self._fd, self._kicked, self._written - self._kicked)
+                self._kicked = self._written
         return len(view)
 
     def close(self) -> None:
