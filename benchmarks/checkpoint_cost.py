@@ -4,8 +4,8 @@
 
 Single process, CPU. Prints a table: seconds per save (in each round every configuration runs once,
 in a fresh random order, and the disk is synced between them so no configuration pays for
-another's dirty pages; ratios are paired within a round), the ratio to a plain torch.save (target <= 1.2;
-our save also fsyncs and commits), and for async saving the time the training loop is blocked
+another's dirty pages; ratios are paired within a round), the ratio to a plain torch.save
+(target <= 1.2; our save also fsyncs and commits), and for async saving the time the training loop is blocked
 (the call, plus the wait before the next optimizer step while the copy overlaps a
 forward/backward) vs. the synchronous save (target <= 0.10).
 
@@ -56,8 +56,9 @@ def main() -> None:
     progress = Progress()
     progress.step = 1
     state = {"model_optim": ModelOptimState(model, optimizer), "progress": progress}
-    nbytes = sum(t.numel() * t.element_size() for t in tensors_of(state["model_optim"].state_dict()))
-    ntensors = len(tensors_of(state["model_optim"].state_dict()))
+    plain = {"model_optim": state["model_optim"].state_dict(), "progress": {"step": 1}}  # what torch.save gets
+    tensors = tensors_of(plain)
+    nbytes, ntensors = sum(t.numel() * t.element_size() for t in tensors), len(tensors)
 
     root = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or os.getcwd())
     threads = {"write_threads": args.write_threads}
@@ -69,7 +70,6 @@ def main() -> None:
                      "preemptible async (blocked)": {**threads, "async_save": True}}
     names = ("torch.save", "torch.save+fsync", "disk floor", *checkpointers)
     times: dict[str, list[float]] = {name: [] for name in names}
-    plain = {"model_optim": state["model_optim"].state_dict(), "progress": {"step": 1}}
     try:
         for r in range(args.repeats):
             for name in random.sample(names, len(names)):

@@ -1,10 +1,11 @@
 """The one place that writes and reads checkpoints (torch.distributed.checkpoint, DCP).
 
 A checkpoint counts only when committed: every rank's files are written and fsync'd (DCP's
-FileSystemWriter, flushing as it writes: storage.py; `fsync=false` trades this for speed), `.metadata` exists, rank 0 has written a `COMMITTED` marker listing every file
-with its size, and renamed `step_N.partial/` to `step_N/`. `latest` is replaced atomically after
-that. Older ones are pruned only after a newer one is committed. Resume takes the newest valid
-checkpoint and says what it skipped and why.
+FileSystemWriter, flushing as it writes: storage.py; `fsync=false` trades this for speed),
+`.metadata` exists, rank 0 has written a `COMMITTED` marker listing every file with its size, and
+renamed `step_N.partial/` to `step_N/`. `latest` is replaced atomically after that. Older ones are
+pruned only after a newer one is committed. Resume takes the newest valid checkpoint and says what
+it skipped and why.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ class Checkpointer:
     """
 
     def __init__(self, dir: Optional[str] = None, interval: int = 100, keep: int = 2, resume: str = "auto",
-                 async_save: bool = False, write_threads: int = 2, fsync: bool = True, writeback_mib: int = 8, zip_crc32: bool = False):
+                 async_save: bool = False, write_threads: int = 2, fsync: bool = True, writeback_mib: int = 8,
+                 zip_crc32: bool = False):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
             raise ConfigError(f"checkpoint.interval={interval!r}; expected an int >= 0 (0 = only on stop and at the end)")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -145,7 +147,7 @@ class Checkpointer:
             raise ConfigError(f"checkpoint.resume={resume!r}; expected auto, never or a checkpoint directory")
         self.dir, self.interval, self.keep, self.resume = dir, interval, keep, resume
         self.async_save, self.write_threads = bool(async_save), write_threads
-        self.fsync, self.writeback_mib, self.zip_crc32 = bool(fsync), writeback_mib, bool(zip_crc32)
+        self.fsync, self.writeback_mib, self.zip_crc32 = fsync, writeback_mib, zip_crc32  # checked above
         self.root: Optional[Path] = None
         self.rank = 0
         self.last_committed_step: Optional[int] = None

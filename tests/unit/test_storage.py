@@ -101,7 +101,7 @@ def test_without_sync_file_range_files_are_written_as_dcp_does(tmp_path, monkeyp
     assert data_files(path) == data_files(save(tmp_path, "kicked", writeback_mib=1))
 
 
-def test_a_closing_file_waits_for_its_writeback_requests(tmp_path):
+def test_a_closing_file_waits_for_its_writeback_requests(tmp_path, monkeypatch):
     seen = []
 
     def slow(fd, offset, nbytes):
@@ -109,14 +109,9 @@ def test_a_closing_file_waits_for_its_writeback_requests(tmp_path):
         os.fstat(fd)  # raises if the descriptor was closed under the request
         seen.append(threading.current_thread().name)
 
-    fs = storage.EarlyFlushFileSystem(kick_bytes=1)
-    fs_start = storage.start_writeback
-    try:
-        storage.start_writeback = slow
-        with fs.create_stream(tmp_path / "f", "wb") as stream:
-            stream.write(b"x" * 10)
-    finally:
-        storage.start_writeback = fs_start
+    monkeypatch.setattr(storage, "start_writeback", slow)
+    with storage.EarlyFlushFileSystem(kick_bytes=5).create_stream(tmp_path / "f", "wb") as stream:
+        stream.write(b"x" * 10)
     assert seen and seen[0].startswith("preemptible-writeback")
     assert (tmp_path / "f").read_bytes() == b"x" * 10
 
