@@ -1,5 +1,6 @@
 """preemptible: distributed PyTorch training that survives preemption."""
 
+from preemptible import distributed as _distributed  # noqa: F401  (registers the exit guard for gloo threads)
 from preemptible.signal_handler import (
     DistributedSignalHandler,
     GatherFuture,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,3 +70,39 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def shutdown() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+_GLOO_WORKER = "pt_gloo_runloop"  # the name ProcessGroupGloo gives its worker threads
+
+
+def _gloo_workers_alive() -> bool:
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:  # no /proc: assume they may be there while torch.distributed is
+        return is_distributed()
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith(_GLOO_WORKER):
+                    return True
+        except OSError:  # that thread has just exited
+            pass
+    return False
+
+
+def let_gloo_workers_finish(seconds: float = 0.1) -> None:
+    """Hand the GIL to gloo's worker threads once more before the interpreter finalizes.
+
+    A worker releases a finished collective's tensors on its own thread, after the caller has
+    moved on; if Python created them it needs the GIL for that. If the interpreter starts
+    finalizing first, the thread is killed inside C++ and a run that ended cleanly aborts
+    ("terminate called without an active exception", SIGABRT). DDP keeps its process group
+    (and its threads) alive past destroy_process_group, so joining them is not an option:
+    sleeping releases the GIL and the CPU so that a pending release completes. Runs at exit
+    (registered below, before finalization starts); costs `seconds` only while gloo workers exist.
+    """
+    if _gloo_workers_alive():
+        time.sleep(seconds)
+
+
+atexit.register(let_gloo_workers_finish)
