@@ -69,7 +69,7 @@ def main() -> None:
                      "preemptible async (total)": {**threads, "async_save": True},
                      "preemptible async (blocked)": {**threads, "async_save": True}}
     root = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or os.getcwd())
-    direct = DirectWriter(tensors, root)
+    direct = DirectWriter(tensors, nbytes, root)
     names = ("torch.save", "torch.save+fsync", "disk floor", *(["disk alone, O_DIRECT"] if direct.ok else []),
              *checkpointers)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -148,6 +148,11 @@ def tensors_of(node) -> list:
     return []
 
 
+def raw_bytes(t: torch.Tensor):
+    """A tensor's bytes as a NumPy view (no copy for a contiguous tensor)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def write_raw_durably(tree: dict, target: str) -> None:
     """Every tensor's bytes, back to back, in 8 MiB writes, each one's writeback started at once; one fsync."""
     tensors = tensors_of(tree)
@@ -155,7 +160,7 @@ def write_raw_durably(tree: dict, target: str) -> None:
     try:
         offset = kicked = 0
         for t in tensors:
-            view = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            view = memoryview(raw_bytes(t))
             while view:
                 n = os.write(fd, view[:8 << 20])
                 view, offset = view[n:], offset + n
@@ -172,21 +177,21 @@ class DirectWriter:
 
     THREADS, CHUNK = 4, 64 << 20
 
-    def __init__(self, tensors: list, root: str) -> None:
+    def __init__(self, tensors: list, nbytes: int, root: str) -> None:
         import mmap
 
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
         self.size = -(-nbytes // 4096) * 4096  # O_DIRECT writes whole aligned blocks
         self.buf = mmap.mmap(-1, self.size)  # page-aligned, filled once, outside the timing
         for t in tensors:
-            self.buf.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self.buf.write(raw_bytes(t))
         self.ok = hasattr(os, "O_DIRECT")
-        probe = os.path.join(root, "o_direct-probe")
-        try:  # some filesystems (tmpfs) refuse O_DIRECT: the row is left out there
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)) if self.ok else None
-            os.unlink(probe) if self.ok else None
-        except OSError:
-            self.ok = False
+        if self.ok:  # some filesystems (tmpfs) refuse O_DIRECT: the row is left out there
+            probe = os.path.join(root, "o_direct-probe")
+            try:
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+                os.unlink(probe)
+            except OSError:
+                self.ok = False
 
     def write(self, target: str) -> None:
         import threading
