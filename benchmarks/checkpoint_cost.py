@@ -14,11 +14,17 @@ The synchronous save is shown four ways: the default; with the zip CRC-32 that t
 DCP's FileSystemWriter as it comes; and with checkpoint.fsync=false, torch.save's durability. The
 "disk floor" row writes the same bytes raw and fsyncs them: what this disk allows a durable save;
 "disk alone, O_DIRECT" writes them from one ready buffer around the page cache: the disk's own speed.
+
+Checksums: "without checksums" is the default synchronous save with the CRC-32C computation
+replaced by a no-op (the benchmark's stand-in for a writer that records none; target: the
+default <= 1.05x it). "verify at resume" reads every file of the default save back from disk
+(its pages dropped from the cache first) and checks its CRC-32C, as a resume does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import random
@@ -29,7 +35,8 @@ import time
 
 import torch
 
-from preemptible.checkpoint import Checkpointer
+from preemptible import storage
+from preemptible.checkpoint import Checkpointer, why_invalid
 from preemptible.recipe.model import GPT
 from preemptible.state import ModelOptimState, Progress
 from preemptible.storage import start_writeback
@@ -63,6 +70,7 @@ def main() -> None:
 
     threads = {"write_threads": args.write_threads}
     checkpointers = {"preemptible sync": threads,
+                     "  without checksums": {**threads, "checksums": False},
                      "  with zip_crc32=true": {**threads, "zip_crc32": True},
                      "  and writeback_mib=0": {**threads, "zip_crc32": True, "writeback_mib": 0},
                      "preemptible sync, fsync=false": {**threads, "fsync": False},
@@ -72,13 +80,15 @@ def main() -> None:
     direct = DirectWriter(tensors, nbytes, root)
     names = ("torch.save", "torch.save+fsync", "disk floor", *(["disk alone, O_DIRECT"] if direct.ok else []),
              *checkpointers)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in (*names, "verify at resume")}
     try:
         for r in range(args.repeats):
             for name in random.sample(names, len(names)):
                 target = os.path.join(root, f"{r}-{name.strip().replace(' ', '_')}")
                 if name in checkpointers:
                     times[name].append(time_checkpointer(name, checkpointers[name], target, state, train_step))
+                    if name == "preemptible sync":
+                        times["verify at resume"].append(time_verify(target))
                 else:
                     t0 = time.perf_counter()
                     if name == "disk floor":
@@ -111,6 +121,11 @@ def main() -> None:
         durable = "no" if k == "torch.save" or "fsync=false" in k else "yes"
         floor = f"{ratio(k, 'disk floor'):12.3f}" if durable == "yes" else f"{'':12s}"
         print(f"{k:34s} {durable:>7s} {med[k]:8.3f} {ratio(k, 'torch.save'):12.3f} {floor}")
+    print(f"{'checksums: sync / without':34s} {'':7s} {'':8s} {ratio('preemptible sync', '  without checksums'):12.3f}"
+          "   (target <= 1.05)")
+    gbps = nbytes / med["verify at resume"] / 1e9
+    print(f"{'verify at resume (from disk)':34s} {'':7s} {med['verify at resume']:8.3f}   "
+          f"{ratio('verify at resume', 'preemptible sync'):.3f} of a synchronous save, {gbps:.2f} GB/s")
     print(f"{'preemptible async (blocked)':34s} {'':7s} {med['preemptible async (blocked)']:8.3f}   "
           f"{ratio('preemptible async (blocked)', 'preemptible sync'):.3f} of the synchronous save (target <= 0.10)")
     print("seconds: median over rounds; ratios: median over rounds of the ratio within the round. Target: preemptible "
@@ -120,7 +135,40 @@ def main() -> None:
           f"{DirectWriter.THREADS} threads in {DirectWriter.CHUNK >> 20} MiB writes, fsync'd: the disk's own speed.")
 
 
+@contextlib.contextmanager
+def crc_off(off: bool):
+    """The writer's CRC-32C replaced by a no-op: the same save, recording no checksums."""
+    real = storage.crc32c
+    if off:
+        storage.crc32c = type("NoChecksum", (), {"crc32c": staticmethod(lambda data, value=0: 0)})
+    try:
+        yield
+    finally:
+        storage.crc32c = real
+
+
+def time_verify(target: str) -> float:
+    """A resume's verification of the checkpoint just written, read from disk (not the page cache)."""
+    path = next(p for p in (os.path.join(target, d) for d in os.listdir(target)) if os.path.isdir(p))
+    os.sync()
+    for name in os.listdir(path):
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    t0 = time.perf_counter()
+    why = why_invalid(path, verify=True)
+    elapsed = time.perf_counter() - t0
+    assert why is None, why
+    return elapsed
+
+
 def time_checkpointer(name: str, options: dict, target: str, state: dict, train_step) -> float:
+    options = dict(options)
+    with crc_off(not options.pop("checksums", True)):
+        return _time_checkpointer(name, options, target, state, train_step)
+
+
+def _time_checkpointer(name: str, options: dict, target: str, state: dict, train_step) -> float:
     ckpt = Checkpointer(dir=target, interval=1, keep=1, **options)
     ckpt.setup(target, 0)
     t0 = time.perf_counter()

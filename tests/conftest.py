@@ -3,3 +3,32 @@ import sys
 
 # Spawned ranks import helpers and test modules by name: make the tests folder importable.
 sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+REFERENCE_STEPS = 40
+
+
+class _References:
+    """Uninterrupted recipe runs, the yardstick the e2e and fault tests compare against: `[nproc]`
+    is a run directory of REFERENCE_STEPS steps with checkpoints every 10 (all kept), made on first
+    use and shared by the whole session (saves do not change the training, so one serves all)."""
+
+    def __init__(self, factory):
+        self.factory, self.runs = factory, {}
+
+    def __getitem__(self, nproc):
+        if nproc not in self.runs:
+            from recipe_helpers import run
+
+            run_dir = self.factory.mktemp(f"reference{nproc}")
+            code, log = run(run_dir, f"trainer.max_steps={REFERENCE_STEPS}", "checkpoint.interval=10",
+                            "checkpoint.keep=4", nproc=nproc)
+            assert code == 0, log
+            self.runs[nproc] = run_dir
+        return self.runs[nproc]
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    return _References(tmp_path_factory)

@@ -47,6 +47,11 @@ def run(run_dir, *overrides, nproc=1, timeout=240, **kw):
     return proc.returncode, out
 
 
+def head(run_dir):
+    """The checkpoint `checkpoints/latest` names as the run's head."""
+    return json.loads((Path(run_dir) / "checkpoints" / "latest").read_text())["checkpoint"]
+
+
 def rows(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

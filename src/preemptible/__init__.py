@@ -8,6 +8,7 @@ from preemptible.signal_handler import (
     get_device,
     parse_signals,
 )
+from preemptible.distributed import exit_run
 from preemptible.stop import AgreedMax
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "DistributedSignalHandler",
     "GatherFuture",
     "all_gather_item",
+    "exit_run",
     "get_device",
     "parse_signals",
 ]

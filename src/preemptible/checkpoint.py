@@ -1,11 +1,21 @@
 """The one place that writes and reads checkpoints (torch.distributed.checkpoint, DCP).
 
-A checkpoint counts only when committed: every rank's files are written and fsync'd (DCP's
-FileSystemWriter, flushing as it writes: storage.py; `fsync=false` trades this for speed),
-`.metadata` exists, rank 0 has written a `COMMITTED` marker listing every file with its size, and
-renamed `step_N.partial/` to `step_N/`. `latest` is replaced atomically after that. Older ones are
-pruned only after a newer one is committed. Resume takes the newest valid checkpoint and says what
-it skipped and why.
+Commit. A checkpoint counts only when committed: every rank's files are written, checksummed while
+written (CRC-32C, storage.py) and fsync'd, `.metadata` exists, and rank 0 has written a `COMMITTED`
+marker listing every file with its size and checksum, then renamed `step_N.partial/` to `step_N/`.
+
+Head and lineage. `latest` names the run's head: the checkpoint it last committed or resumed from,
+with the head's *line* (its ancestry: a list of [lineage id, last step] segments). A run continues
+its head's lineage; resuming from an older checkpoint (`resume=PATH`) starts a new lineage there,
+and the checkpoints that are not its ancestors are moved to `abandoned/` (kept, never pruned,
+unless `keep_abandoned=false`). `auto` follows the head (and a newer commit of its lineage, if one
+was committed but `latest` not yet replaced), never merely the highest step number; the same
+command with `resume=PATH` again continues the branch it started at PATH. Pruning keeps the newest
+`keep` of the head's line and nothing else is touched.
+
+Trust. A resume verifies every file's size and checksum before loading and skips a checkpoint
+that does not match, saying why. Nothing in a checkpoint is unpickled beyond plain data and DCP's
+own metadata classes (safe_load.py), so a checkpoint from someone else cannot run code.
 """
 
 from __future__ import annotations
@@ -16,8 +26,11 @@ import os
 import re
 import shutil
 import time
+import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -26,18 +39,27 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from preemptible import faults, heartbeat
 from preemptible.distributed import barrier, broadcast_object, is_distributed
-from preemptible import faults
-from preemptible.errors import CheckpointError, ConfigError
-from preemptible.storage import file_writer
+from preemptible.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from preemptible.safe_load import SafePlanner, SafeReader
+from preemptible.storage import SUMS_PREFIX, file_crc32c, file_writer
 
 log = logging.getLogger(__name__)
-# DCP says this on every single-process save/load; single process is a supported mode here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 COMMIT = "COMMITTED"
 LATEST = "latest"
+ABANDONED = "abandoned"
+FORMAT = 2  # markers with checksums and lineage
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    # DCP warns on every single-process save/load; single process is a supported mode here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _fsync_path(path: Path, durable: bool = True) -> None:
@@ -72,7 +94,7 @@ def _zip_crc32(enabled: bool) -> Iterator[None]:
 
 
 def step_of(path: Path) -> Optional[int]:
-    m = _STEP_DIR.match(path.name)
+    m = _STEP_DIR.match(Path(path).name)
     return int(m.group(1)) if m else None
 
 
@@ -85,35 +107,95 @@ def describe_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
-def why_invalid(path: Path) -> Optional[str]:
-    """None if `path` is a committed, complete checkpoint; otherwise the reason it is not."""
+# ----------------------------------------------------------------------------- markers
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The commit marker as a dict (files: name -> [size, crc32c or None]); ValueError if unreadable."""
+    try:
+        info = json.loads((Path(path) / COMMIT).read_text())
+        files = {name: (list(v) if isinstance(v, (list, tuple)) else [v, None]) for name, v in dict(info["files"]).items()}
+        for name, (size, crc) in files.items():
+            if not isinstance(size, int) or not (crc is None or isinstance(crc, int)):
+                raise ValueError(f"bad entry for {name}")
+        info["files"] = files
+        info["step"] = int(info["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"unreadable {COMMIT} marker ({e})") from None
+    if not isinstance(info.get("lineage"), str):  # a marker from before lineages: a line of its own
+        info["lineage"] = "legacy"
+    line = info.get("line")
+    if not (isinstance(line, list) and line and all(isinstance(s, list) and len(s) == 2 for s in line)):
+        info["line"] = [[info["lineage"], None]]
+    return info
+
+
+def why_invalid(path: Path, verify: bool = False) -> Optional[str]:
+    """None if `path` is a committed, complete checkpoint; otherwise the reason it is not.
+
+    Without `verify` only sizes are checked (cheap); with it every file's CRC-32C too (reads it all).
+    """
+    path = Path(path)
     if not path.is_dir():
         return "not a directory"
-    marker = path / COMMIT
-    if not marker.is_file():
+    if not (path / COMMIT).is_file():
         return f"no {COMMIT} marker (the save did not finish)"
     try:
-        info = json.loads(marker.read_text())
-        files = dict(info["files"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"unreadable {COMMIT} marker ({e})"
+        files = read_marker(path)["files"]
+    except ValueError as e:
+        return str(e)
     if ".metadata" not in files:
         return "the commit marker lists no .metadata"
-    for name, size in files.items():
+    for name, (size, _) in files.items():
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} is {f.stat().st_size} bytes, the commit says {size} (truncated or changed)"
+    if verify:
+        return _verify_checksums(path, files)
     return None
+
+
+def _verify_checksums(path: Path, files: dict[str, list]) -> Optional[str]:
+    names = [n for n, (_, crc) in files.items() if crc is not None]
+    if not names:
+        return None  # an old marker without checksums: sizes are all it can say
+    names.sort(key=lambda n: -files[n][0])  # biggest first: the pool finishes together
+    with ThreadPoolExecutor(max_workers=min(4, len(names)), thread_name_prefix="preemptible-verify") as pool:
+        for name, (size, crc) in zip(names, pool.map(lambda n: file_crc32c(path / n), names)):
+            if crc != files[name][1]:
+                return (f"{name} does not match its checksum (crc32c {crc:08x}, the commit says "
+                        f"{files[name][1]:08x}): its bytes changed after it was written")
+    return None
+
+
+def in_line(marker: dict[str, Any], line: list) -> bool:
+    """Whether a checkpoint (its marker) is on `line`: the line's own lineage, or an ancestor segment."""
+    lineage, step = marker["lineage"], marker["step"]
+    if lineage == line[-1][0]:
+        return True
+    return any(seg_lineage == lineage and seg_end is not None and step <= seg_end for seg_lineage, seg_end in line[:-1])
+
+
+@dataclass
+class Resume:
+    """What `Checkpointer.resume_path` decided: where to load from, and the line the run continues."""
+    path: Optional[Path]
+    line: list = field(default_factory=list)
+    branched: bool = False          # a new lineage starts at `path` (resume=PATH of an older checkpoint)
+    skipped: list = field(default_factory=list)  # (path, why) of checkpoints passed over
+    verify_seconds: float = 0.0
 
 
 class Checkpointer:
     """Save, commit, prune and find checkpoints under `dir` (default: `<run dir>/checkpoints`).
 
     interval: save every N steps (0: only on a stop signal and at the end).
-    keep:     committed checkpoints kept (>= 1); older ones pruned after a newer commit.
-    resume:   'auto' (newest valid one, if any), 'never', or a checkpoint directory path.
+    keep:     committed checkpoints of the run's line kept (>= 1); older ones pruned after a newer commit.
+    resume:   'auto' (the head, or the newest valid checkpoint of its line), 'never' (start fresh;
+              refused where committed checkpoints exist), or a checkpoint directory path (start a
+              branch there; the same command again continues that branch).
     async_save: periodic saves stage the state in memory and write it in a background thread
               (DCP `async_save` on a gloo side group of its own); a stop or the end waits for it.
     write_threads: files written in parallel per rank (DCP's thread_count).
@@ -124,20 +206,24 @@ class Checkpointer:
     writeback_mib: ask the kernel to start flushing each file every this many MiB written, so the
               final fsync has little left to do (0: everything is flushed at the fsync).
     zip_crc32: let torch.save compute the zip CRC-32 of every tensor in a synchronous save.
-              torch.load never checks it, and it is half the CPU time of writing; what resume
-              checks is the commit marker's file sizes.
+              torch.load never checks it; what a resume checks is the commit marker's CRC-32C of
+              every file, computed while writing whatever this says.
+    verify:   check every file's CRC-32C before resuming from a checkpoint (reads it once).
+    keep_abandoned: when a resume from an older checkpoint starts a new branch, move the
+              checkpoints that are not its ancestors to `abandoned/` (true) or delete them (false).
     """
 
     def __init__(self, dir: Optional[str] = None, interval: int = 100, keep: int = 2, resume: str = "auto",
                  async_save: bool = False, write_threads: int = 2, fsync: bool = True, writeback_mib: int = 8,
-                 zip_crc32: bool = False):
+                 zip_crc32: bool = False, verify: bool = True, keep_abandoned: bool = True):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
             raise ConfigError(f"checkpoint.interval={interval!r}; expected an int >= 0 (0 = only on stop and at the end)")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ConfigError(f"checkpoint.keep={keep!r}; expected an int >= 1 (the newest committed checkpoints kept)")
         if isinstance(write_threads, bool) or not isinstance(write_threads, int) or write_threads < 1:
             raise ConfigError(f"checkpoint.write_threads={write_threads!r}; expected an int >= 1")
-        for name, value in (("fsync", fsync), ("zip_crc32", zip_crc32)):
+        for name, value in (("fsync", fsync), ("zip_crc32", zip_crc32), ("async_save", async_save),
+                            ("verify", verify), ("keep_abandoned", keep_abandoned)):
             if not isinstance(value, bool):
                 raise ConfigError(f"checkpoint.{name}={value!r}; expected true or false")
         if isinstance(writeback_mib, bool) or not isinstance(writeback_mib, int) or writeback_mib < 0:
@@ -145,14 +231,21 @@ class Checkpointer:
                               "(0 = flush only at the final fsync)")
         if not isinstance(resume, str) or not resume:
             raise ConfigError(f"checkpoint.resume={resume!r}; expected auto, never or a checkpoint directory")
+        if dir is not None and (not isinstance(dir, str) or not dir):
+            raise ConfigError(f"checkpoint.dir={dir!r}; expected a directory path or null (<run dir>/checkpoints)")
         self.dir, self.interval, self.keep, self.resume = dir, interval, keep, resume
-        self.async_save, self.write_threads = bool(async_save), write_threads
-        self.fsync, self.writeback_mib, self.zip_crc32 = fsync, writeback_mib, zip_crc32  # checked above
+        self.async_save, self.write_threads = async_save, write_threads
+        self.fsync, self.writeback_mib, self.zip_crc32 = fsync, writeback_mib, zip_crc32
+        self.verify, self.keep_abandoned = verify, keep_abandoned
         self.root: Optional[Path] = None
         self.rank = 0
+        self.meta: dict[str, Any] = {}   # stored in every commit marker (the recipe: its composed config)
+        self.line: list = [[uuid.uuid4().hex[:12], None]]  # a fresh run's own lineage, until a resume says otherwise
+        self.head: Optional[str] = None  # the head checkpoint (name under root, or an absolute path)
         self.last_committed_step: Optional[int] = None
         self.last_save_seconds: Optional[float] = None  # start to commit, of the latest save
-        self._inflight: Optional[tuple] = None  # step, partial, final, future, start time
+        self.owner_check: Any = None  # () -> None, raises if the run no longer owns its directory
+        self._inflight: Optional[tuple] = None  # step, partial, final, future, start time, writer
         self._staging: Any = None  # completes once the background copy of the state is taken
         self._stager: Any = None
         self._group: Any = None
@@ -163,7 +256,7 @@ class Checkpointer:
         """Bind to the run directory and prove it is writable, on every rank (so errors are symmetric)."""
         self.rank = rank
         self.root = Path(self.dir) if self.dir else Path(run_dir) / "checkpoints"
-        probe = self.root / f".write-probe-rank{rank}"
+        probe = self.root / f".write-probe-rank{rank}-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe.write_text("ok")
@@ -182,67 +275,193 @@ class Checkpointer:
     def path_for(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
 
+    def _name(self, path: Path) -> str:
+        """How `latest` and markers refer to a checkpoint: relative to root inside it, else absolute."""
+        path = Path(path).absolute()
+        try:
+            return str(path.relative_to(self.root.absolute()))
+        except ValueError:
+            return str(path)
+
+    def _resolve(self, name: str) -> Path:
+        return Path(name) if os.path.isabs(name) else self.root / name
+
     # -- finding ---------------------------------------------------------------------------
 
+    def _top_level(self) -> list[Path]:
+        """Checkpoint directories directly under root, newest step first."""
+        dirs = [p for p in self.root.iterdir() if step_of(p) is not None and p.is_dir()] if self.root.is_dir() else []
+        return sorted(dirs, key=step_of, reverse=True)
+
     def committed(self) -> list[Path]:
-        """Valid checkpoints, newest first."""
-        return [p for p, why in self._scan() if why is None]
+        """Structurally valid checkpoints directly under root (sizes checked, not checksums), newest first."""
+        return [p for p in self._top_level() if why_invalid(p) is None]
 
-    def _scan(self) -> list[tuple[Path, Optional[str]]]:
-        dirs = [p for p in self.root.iterdir() if step_of(p) is not None] if self.root.is_dir() else []
-        return [(p, why_invalid(p)) for p in sorted(dirs, key=step_of, reverse=True)]
-
-    def newest_valid(self) -> Optional[Path]:
+    def read_head(self) -> Optional[dict[str, Any]]:
+        """`latest` as {"checkpoint", "step", "line"}; None if absent; ValueError if unusable."""
         latest = self.root / LATEST
-        if latest.exists():
-            name = latest.read_text(errors="replace").strip()
-            if step_of(Path(name)) is None or not (self.root / name).is_dir():
-                log.warning("checkpoint: ignoring %s: it names %r, not a checkpoint directory here", latest, name[:80])
-        for path, why in self._scan():
+        if not latest.exists():
+            return None
+        text = latest.read_text(errors="replace").strip()
+        try:
+            head = json.loads(text)
+            if not (isinstance(head, dict) and isinstance(head.get("checkpoint"), str) and isinstance(head.get("line"), list)
+                    and head["line"] and all(isinstance(s, list) and len(s) == 2 for s in head["line"])):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"it is not a head record ({text[:80]!r})") from None
+        return head
+
+    def _pick(self, candidates: list[Path], skipped: list) -> Optional[Path]:
+        """The first candidate that is valid (verified if `verify`); the others are logged and listed."""
+        for path in candidates:
+            why = why_invalid(path, verify=self.verify)
             if why is None:
                 return path
             log.warning("checkpoint: skipping %s: %s", path, why)
+            skipped.append((str(path), why))
         return None
 
-    def resume_path(self) -> Optional[Path]:
+    def resume_path(self) -> Resume:
         """Where to resume from, decided by rank 0 and the same on every rank; ConfigError if invalid."""
         decision: Any = None
         if self.rank == 0:
+            started = time.perf_counter()
             try:
                 decision = self._decide()
+                decision.verify_seconds = time.perf_counter() - started
             except ConfigError as e:
                 decision = e
         decision = broadcast_object(decision)
         if isinstance(decision, ConfigError):
             raise decision
-        return Path(decision) if decision else None
+        return decision
 
-    def _decide(self) -> Optional[str]:
+    def _decide(self) -> Resume:
+        head = None
+        try:
+            head = self.read_head()
+        except ValueError as e:
+            log.warning("checkpoint: ignoring %s: %s; the checkpoint directories are scanned instead",
+                        self.root / LATEST, e)
         if self.resume == "never":
-            return None
+            existing = self.committed()
+            if existing or head is not None:
+                newest = existing[0].name if existing else head["checkpoint"]
+                raise ConfigError(f"checkpoint.resume=never, but {self.root} already holds this run's checkpoints "
+                                  f"(newest: {newest}); use checkpoint.resume=auto to continue them, or a new "
+                                  "run_name (or checkpoint.dir) to start fresh beside them")
+            return Resume(None, self.line)
         if self.resume == "auto":
-            found = self.newest_valid()
-            return str(found) if found else None
-        path = Path(self.resume)
-        why = why_invalid(path)
+            return self._follow_head(head)
+        return self._from_path(Path(self.resume), head)
+
+    def _follow_head(self, head: Optional[dict[str, Any]]) -> Resume:
+        skipped: list = []
+        if head is None:  # no head record (first run, or it was lost): the newest valid checkpoint here
+            found = self._pick(self._top_level(), skipped)
+            if found is None:
+                return Resume(None, self.line, skipped=skipped)
+            return Resume(found, read_marker(found)["line"], skipped=skipped)
+        line = head["line"]
+        candidates = []
+        for path in self._top_level():
+            try:
+                if in_line(read_marker(path), line):
+                    candidates.append(path)
+            except ValueError as e:
+                if (path / COMMIT).exists():
+                    log.warning("checkpoint: skipping %s: %s", path, e)
+                    skipped.append((str(path), str(e)))
+        head_path = self._resolve(head["checkpoint"])
+        if head_path not in candidates and head_path.exists():  # the head is outside root (a branch point elsewhere)
+            candidates.append(head_path)
+        candidates.sort(key=lambda p: step_of(p) or 0, reverse=True)
+        found = self._pick(candidates, skipped)
+        if found is None:
+            reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped) or "none is left"
+            raise ConfigError(f"no valid checkpoint is left on this run's line (head {head['checkpoint']}: {reasons}); "
+                              f"nothing was loaded or deleted. Resume from an older one with checkpoint.resume=PATH, "
+                              f"start over in a new run directory, or remove {self.root / LATEST} to take the newest "
+                              "valid checkpoint here")
+        return Resume(found, head["line"] if found == head_path else read_marker(found)["line"], skipped=skipped)
+
+    def _from_path(self, path: Path, head: Optional[dict[str, Any]]) -> Resume:
+        why = why_invalid(path, verify=self.verify)
         if why:
             raise ConfigError(f"checkpoint.resume={self.resume!r} is not a valid checkpoint: {why}; "
                               "use checkpoint.resume=auto to take the newest valid one")
-        return str(path)
+        marker = read_marker(path)
+        segment = [marker["lineage"], marker["step"]]
+        if head is not None:
+            head_line = head["line"]
+            branched_here = len(head_line) >= 2 and head_line[-2] == segment
+            is_head = head_line[-1][0] == marker["lineage"] and self._resolve(head["checkpoint"]).resolve() == path.resolve()
+            if branched_here or is_head:
+                # The same command again (a requeue): continue the branch this run started at PATH.
+                resume = self._follow_head(head)
+                if resume.path is not None and resume.path.resolve() != path.resolve():
+                    log.info("checkpoint.resume=%s: this run already continued from it; resuming its newest "
+                             "commit %s", self.resume, resume.path)
+                return resume
+        line = [s for s in marker["line"][:-1]] + [segment, [uuid.uuid4().hex[:12], None]]
+        return Resume(path, line, branched=True)
+
+    # -- after a successful load -----------------------------------------------------------
+
+    def adopt(self, resume: Resume, step: int) -> None:
+        """Collective, after the resume's load succeeded: the run's line and head become the resumed
+        checkpoint's; a new branch moves what is not its ancestor out of the way (rank 0)."""
+        self.line = [list(s) for s in resume.line]
+        self.head = self._name(resume.path)
+        self.last_committed_step = step
+        if self.rank == 0:
+            if resume.branched:
+                self._set_aside(resume.path)
+            self._write_head(resume.path, step)
+        barrier()
+
+    def _set_aside(self, branch_point: Path) -> None:
+        """Checkpoints under root that are not on the new line: to abandoned/ (or deleted if asked)."""
+        moved = []
+        place = self.root / ABANDONED / time.strftime("%Y%m%d-%H%M%S")
+        for path in self._top_level():
+            if path.resolve() == branch_point.resolve():
+                continue
+            try:
+                if in_line(read_marker(path), self.line):
+                    continue
+            except ValueError:
+                if not (path / COMMIT).exists():
+                    continue  # an unfinished save of nobody's line: the next commit of that step replaces it
+            if self.keep_abandoned:
+                place.mkdir(parents=True, exist_ok=True)
+                os.rename(path, place / path.name)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            moved.append(path.name)
+        if moved:
+            _fsync_path(self.root, self.fsync)
+            log.warning("checkpoint: resuming from %s starts a new branch; %s %s, not on it, %s", branch_point,
+                        "checkpoint" if len(moved) == 1 else "checkpoints", ", ".join(moved),
+                        f"moved to {place}" if self.keep_abandoned else "deleted (checkpoint.keep_abandoned=false)")
+
+    def _write_head(self, path: Path, step: int) -> None:
+        _write_atomic(self.root / LATEST, json.dumps({"checkpoint": self._name(path), "step": step,
+                                                      "line": self.line}) + "\n", self.fsync)
 
     # -- reading and writing ----------------------------------------------------------------
+
+    marker = staticmethod(read_marker)
 
     @staticmethod
     def world_size_of(path: Path) -> int:
         """How many ranks wrote a committed checkpoint (from its commit marker)."""
-        return int(json.loads((Path(path) / COMMIT).read_text()).get("world_size", 1))
+        return int(read_marker(path).get("world_size", 1))
 
     def load(self, path: Path, state: dict[str, Any]) -> None:
         faults.inject("load")
-        try:
-            dcp.load(state, checkpoint_id=str(path))
-        except (Exception, CheckpointException) as e:  # shape/key mismatches surface here, wrapped by DCP
-            raise ConfigError(f"checkpoint {str(path)!r} does not fit this model/run: {describe_failure(e)}") from None
+        load_state(path, state, what=f"checkpoint {str(path)!r}")
 
     def save(self, step: int, state: dict[str, Any], wait: bool = True) -> Path:
         """Collective: every rank calls it. With `wait` (a stop, the end) it returns once the
@@ -251,6 +470,8 @@ class Checkpointer:
         if self.last_committed_step == step or (self._inflight and self._inflight[0] == step):
             if wait:
                 self.wait()
+            if self.last_committed_step == step and self.head is not None:
+                return self._resolve(self.head)  # (the head may lie outside root: a branch point elsewhere)
             return final  # this exact state is already saved or being saved
         self.wait()  # one save at a time: finish (and commit) the one in flight first
         started = time.time()
@@ -263,20 +484,24 @@ class Checkpointer:
             response = dcp.async_save(state, storage_writer=writer, process_group=self._group,
                                       async_stager=self._async_stager())
             self._staging = response.staging_completion
-            self._inflight = (step, partial, final, response.upload_completion, started)
+            self._inflight = (step, partial, final, response.upload_completion, started, writer)
             return final
         try:
-            with _zip_crc32(self.zip_crc32):  # safe to switch here: nothing else is saving meanwhile
+            with _zip_crc32(self.zip_crc32), _quiet_single_process():  # nothing else is saving meanwhile
                 dcp.save(state, storage_writer=writer)  # returns after .metadata is written by the coordinator
             faults.inject("save", step)
             if self.rank == 0:
-                self._commit(partial, final, step)
+                self._commit(partial, final, step, writer)
         except (Exception, CheckpointException) as e:
             raise self._failed(final, e) from None
         barrier()
+        self._committed(final, step, started)
+        return final
+
+    def _committed(self, final: Path, step: int, started: float) -> None:
+        self.head = self._name(final)
         self.last_committed_step = step
         self.last_save_seconds = time.time() - started
-        return final
 
     def _async_stager(self) -> Any:
         # Copies the state in a background thread, into buffers reused from save to save, while
@@ -311,7 +536,7 @@ class Checkpointer:
         """Block until the in-flight async save is written, then commit it (rank 0)."""
         if self._inflight is None:
             return
-        step, partial, final, future, started = self._inflight
+        step, partial, final, future, started, writer = self._inflight
         self._inflight = None
         self.wait_staged()
         try:
@@ -319,60 +544,117 @@ class Checkpointer:
             faults.inject("save", step)
             # The coordinator's future completes only after every rank's files and .metadata exist.
             if self.rank == 0:
-                self._commit(partial, final, step)
+                self._commit(partial, final, step, writer)
         except (Exception, CheckpointException) as e:
             raise self._failed(final, e) from None
-        self.last_committed_step = step
-        self.last_save_seconds = time.time() - started
+        self._committed(final, step, started)
 
     def _failed(self, final: Path, e: BaseException) -> CheckpointError:
+        if isinstance(e, CheckpointError):
+            return e
         kept = self.path_for(self.last_committed_step).name if self.last_committed_step is not None else "none"
         return CheckpointError(f"checkpoint {final.name} could not be written ({describe_failure(e)}); "
                                f"nothing was committed, the latest committed checkpoint ({kept}) is intact")
 
-    def _commit(self, partial: Path, final: Path, step: int) -> None:
-        files = {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file()}
+    def _commit(self, partial: Path, final: Path, step: int, writer: Any) -> None:
+        if self.owner_check is not None:
+            self.owner_check()  # another run took the directory over: commit nothing
+        sums: dict[str, list] = {}
+        for f in sorted(partial.glob(f"{SUMS_PREFIX}*.json")):
+            sums.update(json.loads(f.read_text()))
+        metadata = writer.fs.sums.get(".metadata")
+        if metadata is not None:
+            sums[".metadata"] = list(metadata)
+        files = {}
+        for p in partial.iterdir():
+            if not p.is_file() or p.name.startswith(SUMS_PREFIX):
+                continue
+            size = p.stat().st_size
+            recorded = sums.get(p.name)
+            if recorded is None or recorded[0] != size:
+                raise CheckpointError(f"checkpoint {final.name}: {p.name} is {size} bytes but was written as "
+                                      f"{recorded[0] if recorded else 'nothing'}; nothing was committed")
+            files[p.name] = [size, recorded[1]]
         world = dist.get_world_size() if is_distributed() else 1
-        _write_atomic(partial / COMMIT, json.dumps({"step": step, "world_size": world, "time": time.time(),
-                                                    "files": files}), self.fsync)
-        if final.exists():  # an older run's checkpoint at the same step (resume=never): replace it
+        marker = {"format": FORMAT, "step": step, "world_size": world, "time": time.time(), "files": files,
+                  "lineage": self.line[-1][0], "line": self.line, "parent": self.head, **self.meta}
+        _write_atomic(partial / COMMIT, json.dumps(marker), self.fsync)
+        for f in partial.glob(f"{SUMS_PREFIX}*.json"):
+            f.unlink()
+        if final.exists():  # an unfinished or foreign directory of the same step: keep it apart, then drop it
             old = final.with_name(final.name + ".replaced")
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
             os.rename(partial, final)
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(partial, final)
-        _fsync_path(self.root, self.fsync)
-        _write_atomic(self.root / LATEST, final.name + "\n", self.fsync)
-        self._prune(final)
+        heartbeat.beat()
+        # Committed from here on: what follows only records and tidies; a failure says so and keeps it.
+        try:
+            _fsync_path(self.root, self.fsync)
+            self._write_head(final, step)
+        except OSError as e:
+            log.warning("checkpoint: %s is committed, but %s could not be replaced (%s); a resume still finds "
+                        "it (the newest commit of this run's line)", final.name, LATEST, e)
+        self.head = self._name(final)
+        try:
+            self._prune(final)
+        except OSError as e:
+            log.warning("checkpoint: %s is committed; pruning older checkpoints failed (%s)", final.name, e)
 
     def _prune(self, newest: Path) -> None:
-        for path in self.committed()[self.keep:]:
-            shutil.rmtree(path, ignore_errors=True)
+        mine = []
+        for path in self._top_level():
+            try:
+                if in_line(read_marker(path), self.line) and why_invalid(path) is None:
+                    mine.append(path)
+            except ValueError:
+                pass
+        for path in mine[self.keep:]:
+            if path != newest:
+                shutil.rmtree(path, ignore_errors=True)
         for stale in self.root.glob("step_*.partial"):
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale != newest.with_name(newest.name + ".partial"):
+                shutil.rmtree(stale, ignore_errors=True)
         log.debug("checkpoint: committed %s", newest)
 
 
-def load_model_weights(model: Any, path: str) -> None:
-    """`model.init_from`: weights from one of our checkpoint directories or a torch.save'd state dict."""
-    import torch
-
-    p = Path(path)
+def load_state(path: Path, state: dict[str, Any], what: str) -> None:
+    """DCP load through the safe reader and planner; ConfigError naming `what` on any failure."""
+    reader = SafeReader(str(path))
     try:
-        if p.is_dir():
-            why = why_invalid(p)
-            if why:
-                raise ConfigError(f"model.init_from={path!r} is not a valid checkpoint: {why}")
-            state = {"model_optim": {"model": model.state_dict()}}
-            dcp.load(state, checkpoint_id=str(p))
-            model.load_state_dict(state["model_optim"]["model"])
-        elif p.is_file():
-            model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
-        else:
-            raise ConfigError(f"model.init_from={path!r} does not exist; give a checkpoint directory or a .pt state dict")
-    except ConfigError:
-        raise
-    except (Exception, CheckpointException) as e:
-        raise ConfigError(f"model.init_from={path!r} does not fit the model: {describe_failure(e)}") from None
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=reader, planner=SafePlanner())
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{what}: {e}") from None
+    except (Exception, CheckpointException) as e:  # shape/key mismatches surface here, wrapped by DCP
+        unsafe = [exc for exc, _ in getattr(e, "failures", {}).values() if isinstance(exc, UnsafeCheckpointError)]
+        if reader.unsafe is not None or unsafe:
+            raise UnsafeCheckpointError(f"{what}: {reader.unsafe or unsafe[0]}") from None
+        raise ConfigError(f"{what} does not fit this model/run: {describe_failure(e)}") from None
+
+
+def load_model_weights(model: Any, path: str, verify: bool = True) -> None:
+    """`model.init_from`: weights from one of our checkpoint directories or a torch.save'd state dict
+    (read with weights_only=True: neither can run code)."""
+    p = Path(path)
+    if p.is_dir():
+        why = why_invalid(p, verify=verify)
+        if why:
+            raise ConfigError(f"model.init_from={path!r} is not a valid checkpoint: {why}")
+        state = {"model_optim": {"model": model.state_dict()}}
+        load_state(p, state, what=f"model.init_from={path!r}")
+        model.load_state_dict(state["model_optim"]["model"])
+        return
+    if not p.is_file():
+        raise ConfigError(f"model.init_from={path!r} does not exist; give a checkpoint directory or a .pt state dict")
+    try:
+        weights = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UnsafeCheckpointError(f"model.init_from={path!r} is not a plain state dict that loads without "
+                                    f"running code ({type(e).__name__}); it was not loaded") from None
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise ConfigError(f"model.init_from={path!r} does not fit the model: {str(e).splitlines()[0][:300]}") from None

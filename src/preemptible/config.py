@@ -24,3 +24,12 @@ def build(cfg: DictConfig, key: str, **runtime: Any) -> Any:
         raise ConfigError(f"{key}: {message}") from None
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{key}: {e}") from None
+
+
+def call(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
+    """Build `cfg[key]` (a `_partial_` node) and call it with runtime objects; errors name the group."""
+    factory = build(cfg, key)
+    try:
+        return factory(*args, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A save could not be completed; the previous committed checkpoint is untouched and still latest."""
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file names code or classes a checkpoint never holds; nothing of it was loaded."""

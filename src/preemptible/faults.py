@@ -1,10 +1,12 @@
 """Fault-injection points for the fault suite (tests/faults): inert unless PREEMPTIBLE_FAULTS is set.
 
-PREEMPTIBLE_FAULTS is a JSON list of {"at": POINT, "sleep": SECONDS, "rank": R, "step": N}
-("rank"/"step" optional: any). Points: "step" (after a step, before the stop check), "load"
-(before a checkpoint is read), "save" (inside a save: files written, not yet committed),
-"final_save" (before the save at a stop or the end). Sleeping is enough to make a rank hang, or to
-hold a window open for a signal or a SIGKILL to land in.
+PREEMPTIBLE_FAULTS is a JSON list of {"at": POINT, "sleep": SECONDS, "rank": R, "step": N,
+"progress": BOOL} ("rank"/"step"/"progress" optional). Points: "step" (after a step, before the
+stop check), "load" (before a checkpoint is read), "save" (inside a save: files written, not yet
+committed), "final_save" (before the save at a stop or the end), "write" (as each checkpoint file
+is opened: a slow disk). Sleeping is enough to make a rank hang, or to hold a window open for a
+signal or a SIGKILL to land in; with "progress" the sleep records progress every 0.1 s, as a
+save that is writing does (signal escalation then waits for it).
 """
 
 from __future__ import annotations
@@ -34,4 +36,12 @@ def inject(point: str, step: Optional[int] = None) -> None:
             continue
         print(f"preemptible fault: {point} (step {step}) on rank {rank}: sleeping {fault['sleep']}s",
               file=sys.stderr, flush=True)
-        time.sleep(fault["sleep"])
+        if not fault.get("progress"):
+            time.sleep(fault["sleep"])
+            continue
+        from preemptible import heartbeat
+
+        end = time.monotonic() + fault["sleep"]
+        while time.monotonic() < end:
+            heartbeat.beat()
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))

@@ -5,8 +5,10 @@ Differences from the implementations it is modelled on, each for a reported fail
 - `all_gather_item(..., async_op=True)` never reads results before the collective finished;
 - the device follows the backend of the group actually used, so a gloo side group on an NCCL
   job agrees on the CPU without a GPU sync;
-- a repeat of the same signal while the first is pending dumps every thread's stack and falls
-  back to the original disposition, so a rank stuck in a collective dies without SIGKILL;
+- a repeat of the same signal while the first is pending arms an escalation that fires once the
+  rank makes no progress (no step boundary, no checkpoint bytes written) for a while: it dumps
+  every thread's stack and falls back to the original disposition, so a rank stuck in a
+  collective dies without SIGKILL, and a save that is making progress is never cut short;
 - a cheap agreed stop decision (`should_stop`) replaces the per-step all_gather.
 """
 
@@ -27,7 +29,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from preemptible.stop import DEADLINE, AgreedMax, GradientFlag
+from preemptible import heartbeat
+from preemptible.stop import DEADLINE, AgreedMax, GradientFlag, StepClock
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +247,11 @@ class DistributedSignalHandler:
       local_rank: passed to `get_device` for NCCL groups.
       chain:      also call the previous Python-level handler after recording.
       escalate:   a repeat of the same signal more than `escalate_after` seconds after the first,
-                  while still pending, dumps all stacks and falls back to the original disposition.
+                  while still pending, arms an escalation; it fires (all stacks dumped, then the
+                  original disposition) once the rank has made no progress -- no `should_stop()` /
+                  `signals_received()` call, no checkpoint bytes written -- for `stall_seconds()`:
+                  the larger of `escalate_after` and 3 typical steps. A stuck rank dies; a save that
+                  is writing, or a step that is computing, finishes.
       check_every, pipelined, max_latency: how `should_stop()` reduces: every N-th call, or
                   'auto' (as rarely as a stop within `max_latency` seconds allows); see
                   `preemptible.stop.AgreedMax`.
@@ -285,6 +292,8 @@ class DistributedSignalHandler:
 
     def _reset_state(self) -> None:
         self.received: list[tuple[int, float]] = []  # (signum, wall time) in arrival order
+        self._armed = 0  # a repeated signal: escalate once the rank stops making progress
+        self._steps = StepClock()  # typical seconds between step boundaries
         self._requested = 0  # a stop this rank asked for itself (request_stop)
         self._first_seen: dict[int, float] = {}
         self._old_wakeup_fd = -1
@@ -355,8 +364,11 @@ class DistributedSignalHandler:
         now = time.time()
         self.received.append((signum, now))
         first = self._first_seen.setdefault(signum, now)
-        if self.escalate and self._watcher is None and now - first > self.escalate_after:
-            self._escalate(signum)
+        if self.escalate and now - first > self.escalate_after:
+            self._armed = signum
+            if self._watcher is None and self._stalled():
+                self._armed = 0
+                self._escalate(signum)
         original = self._original.get(signum)
         if self.chain and callable(original):
             original(signum, frame)
@@ -396,27 +408,46 @@ class DistributedSignalHandler:
 
     def _watch(self, rsock: socket.socket) -> None:
         first: dict[int, float] = {}
+        rsock.settimeout(0.2)  # wake up to check an armed escalation against the progress clock
         while True:
             try:
                 data = rsock.recv(64)
+            except socket.timeout:
+                data = None
             except OSError:
                 return
-            if not data:
-                return
+            if data == b"":
+                return  # closed: released
             now = time.time()
-            for signum in data:
+            for signum in data or ():
                 if signum not in self.signals:
                     continue
                 seen = first.setdefault(signum, now)
                 if now - seen > self.escalate_after:
-                    self._escalate(signum)
+                    self._armed = signum
+            if self._armed and self._stalled():
+                signum, self._armed = self._armed, 0  # once: an ignored signal stays ignored
+                self._escalate(signum)
+
+    def stall_seconds(self) -> float:
+        """How long without progress makes an armed escalation fire: max(escalate_after, 3 steps)."""
+        return max(self.escalate_after, 3.0 * self._steps.seconds)
+
+    def _stalled(self) -> bool:
+        return heartbeat.idle_seconds() > self.stall_seconds()
+
+    def _boundary(self) -> None:
+        """A step boundary: progress, and a sample of the typical step time."""
+        heartbeat.beat()
+        self._steps.tick()
 
     def _escalate(self, signum: int) -> None:
         name = signal.Signals(signum).name
         original = self._original.get(signum)
         sys.stderr.write(
-            f"preemptible: {name} received again while the first is still pending "
-            f"(pid {os.getpid()}); stacks of every thread follow, then the original disposition\n"
+            f"preemptible: {name} received again while the first is still pending, and no progress for "
+            f"{heartbeat.idle_seconds():.1f}s (pid {os.getpid()}); stacks of every thread follow, then the "
+            "original disposition\n"
         )
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
@@ -441,6 +472,7 @@ class DistributedSignalHandler:
 
     def signals_received(self) -> list[bool]:
         """Check if any rank in the group received the signal (one all_gather; documented API)."""
+        self._boundary()
         self._vote.drain()
         return all_gather_item(bool(self.received), torch.int32, group=self.group, local_rank=self.local_rank)
 
@@ -456,6 +488,7 @@ class DistributedSignalHandler:
         reduction every `check_every` calls; pipelined, the reduction started at one call is
         read at the next, so the loop never waits on it (latency: `check_every` steps).
         """
+        self._boundary()
         _ = self.group
         return self._vote(self.local_signal()) != 0
 

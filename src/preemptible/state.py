@@ -1,13 +1,15 @@
 """What a step's state is beyond model and optimizer: RNG of every kind and this rank's data position.
 
-Per-rank state differs between ranks, so it is saved under a per-rank key as one opaque blob
-(DCP would otherwise deduplicate equal keys across ranks as if they were replicated).
+Per-rank state differs between ranks, so it is saved under a per-rank key as one blob (DCP would
+otherwise deduplicate equal keys across ranks as if they were replicated). The blob is a
+`torch.save` of plain data (ints, floats, strings, lists, dicts, tensors) read back with
+`weights_only=True`: loading it never runs code, whoever wrote the file.
 """
 
 from __future__ import annotations
 
+import io
 import logging
-import pickle
 import random
 from typing import Any
 
@@ -22,21 +24,43 @@ except ImportError:  # numpy is optional for the state itself
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every RNG this process draws from, as plain data (lists, numbers, tensors)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if np is not None:
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state and np is not None:
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def to_blob(obj: Any) -> bytes:
+    """Plain data -> bytes that `from_blob` reads back without running code."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def from_blob(blob: Any, what: str) -> Any:
+    from preemptible.errors import UnsafeCheckpointError
+
+    try:
+        return torch.load(io.BytesIO(blob), weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- an old pickled blob, a crafted one, or garbage
+        raise UnsafeCheckpointError(f"{what} is not plain data ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); it was not loaded") from None
 
 
 class RankState:
@@ -46,10 +70,10 @@ class RankState:
         self.data = data
 
     def state_dict(self) -> dict[str, Any]:
-        return {"blob": pickle.dumps({"rng": rng_state(), "data": self.data.state_dict()})}
+        return {"blob": to_blob({"rng": rng_state(), "data": self.data.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        loaded = pickle.loads(state["blob"])
+        loaded = from_blob(state["blob"], "this rank's saved RNG and data position")
         set_rng_state(loaded["rng"])
         self.data.load_state_dict(loaded["data"])
 

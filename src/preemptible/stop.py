@@ -25,6 +25,23 @@ def reason_name(code: int) -> str:
     return "time limit" if code == DEADLINE else signal.Signals(code).name
 
 
+class StepClock:
+    """The typical time between calls (an EMA); one long gap (a save, an eval) moves it at most 2x."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._last: Optional[float] = None
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            dt = now - self._last
+            if self.seconds:
+                dt = min(dt, 2 * self.seconds)
+            self.seconds = dt if self.seconds == 0.0 else 0.8 * self.seconds + 0.2 * dt
+        self._last = now
+
+
 class AgreedMax:
     """MAX of a small non-negative int across `group`, sticky once non-zero.
 
@@ -55,8 +72,7 @@ class AgreedMax:
         self.calls = 0
         self.every = self.fixed  # the agreed interval now (identical on every rank)
         self._next = self.every  # the call that issues the next reduction
-        self._step_seconds = 0.0
-        self._last_call: Optional[float] = None
+        self._clock = StepClock()
         self._work: Any = None
         self._buf: Optional[torch.Tensor] = None
 
@@ -64,11 +80,11 @@ class AgreedMax:
         return dist.is_available() and dist.is_initialized()
 
     def _proposal(self) -> int:
-        if not self.auto or self._step_seconds <= 0:
+        if not self.auto or self._clock.seconds <= 0:
             return self.fixed
         # A signal waits for the next reduction (<= 1 interval) and its result (1 more), plus the
         # step it landed in: a third of the budget per interval leaves room for slower steps.
-        return max(1, min(10_000, int(self.max_latency / (3 * self._step_seconds))))
+        return max(1, min(10_000, int(self.max_latency / (3 * self._clock.seconds))))
 
     def _apply(self, reduced: torch.Tensor) -> None:
         flag, neg_every = (int(v) for v in reduced.tolist())
@@ -85,22 +101,13 @@ class AgreedMax:
         """Finish an in-flight reduction (before other collectives on the group, or release)."""
         self._collect()
 
-    def _time_step(self) -> None:
-        now = time.perf_counter()
-        if self._last_call is not None:
-            dt = now - self._last_call
-            if self._step_seconds:  # one long gap (a save, an eval) moves it at most 2x a call
-                dt = min(dt, 2 * self._step_seconds)
-            self._step_seconds = dt if self._step_seconds == 0.0 else 0.8 * self._step_seconds + 0.2 * dt
-        self._last_call = now
-
     def __call__(self, local: int) -> int:
         self.calls += 1
         if not self._ready():
             self.value = max(self.value, int(local))
             return self.value
         if self.auto:
-            self._time_step()
+            self._clock.tick()
         if self.value or self.calls < self._next:
             return self.value  # decided already (same on every rank), or not a reduction call
         buf = torch.tensor([int(local), -self._proposal()], dtype=torch.int64, device=self.device)

@@ -1,9 +1,10 @@
-"""Random preemptions: a seeded driver that interrupts the recipe (2 ranks under torchrun) again
+"""Random preemptions: a seeded driver that interrupts the recipe (2-4 ranks under torchrun) again
 and again -- handled signals to the launcher or to one rank, SIGKILL of everything, during steps
-and inside checkpoint writes -- and checks after every restart and at the end that nothing was
-lost that should not be, and that the result equals an uninterrupted run.
+and inside checkpoint writes, going back to an older checkpoint, a second run started on the same
+directory meanwhile -- and checks after every restart and at the end that nothing was lost that
+should not be, and that the result equals an uninterrupted run.
 
-    python tests/faults/chaos.py --interruptions 24 --seed 1     # the full run (a few minutes)
+    python tests/faults/chaos.py --interruptions 24 --seed 1 [--nproc 3]   # the full run (minutes)
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ from recipe_helpers import events, losses, rows, run, start, worker_pids_by_rank
 
 from preemptible.checkpoint import step_of, why_invalid  # noqa: E402
 
-KINDS = ("term_launcher", "term_one_rank", "usr2_one_rank", "kill_all", "kill_in_save", "term_in_save")
+KINDS = ("term_launcher", "term_one_rank", "usr2_one_rank", "kill_all", "kill_in_save", "term_in_save", "go_back",
+         "second_run")
+
+
+def valid_steps(run_dir: Path) -> list[int]:
+    ckpts = run_dir / "checkpoints"
+    return sorted(step_of(p) for p in ckpts.glob("step_*") if step_of(p) is not None and why_invalid(p) is None)
 
 
 def newest_valid_step(run_dir: Path) -> int:
-    ckpts = run_dir / "checkpoints"
-    steps = [step_of(p) for p in ckpts.glob("step_*") if step_of(p) is not None and why_invalid(p) is None]
-    return max(steps, default=0)
+    return max(valid_steps(run_dir), default=0)
 
 
 def _last_step(run_dir: Path) -> int:
@@ -45,13 +50,15 @@ def _kill_tree(proc, workers) -> None:
             pass
 
 
-def chaos(workdir: Path, interruptions: int, seed: int, steps: int = 150, log=print) -> dict:
+def chaos(workdir: Path, interruptions: int, seed: int, steps: int = 150, log=print, nproc: int = 2,
+          kinds: tuple = ()) -> dict:
+    """`kinds`: the interruptions in this order (else drawn at random from KINDS)."""
     rng = random.Random(seed)
     common = [f"trainer.max_steps={steps}", "checkpoint.interval=7", "checkpoint.keep=3",
               "signal_handler.sig=[SIGTERM,SIGUSR2]"]
     launcher = ["--signals-to-handle=SIGTERM,SIGINT,SIGUSR2"]
     reference = workdir / "reference"
-    code, out = run(reference, *common, nproc=2, launcher_args=launcher)
+    code, out = run(reference, *common, nproc=nproc, launcher_args=launcher)
     assert code == 0, out
     target = workdir / "chaos"
     # Every save sleeps 0.3 s between writing its files and committing: a window for faults to land in.
@@ -60,10 +67,18 @@ def chaos(workdir: Path, interruptions: int, seed: int, steps: int = 150, log=pr
     while True:
         resume_expected = newest_valid_step(target) if target.exists() else 0
         started_events = len(events(target, "resumed")) if target.exists() else 0
-        proc = start(target, *common, nproc=2, env=save_window, launcher_args=launcher)
+        kind = None
         if len(history) < interruptions:
-            kind = rng.choice(KINDS)
-            workers = worker_pids_by_rank(proc.pid, 2)
+            kind = kinds[len(history)] if len(history) < len(kinds) else rng.choice(KINDS)
+        extra = []
+        if kind == "go_back":  # back to an older committed checkpoint (a loss spike), then interrupted
+            older = valid_steps(target)[:-1] if target.exists() else []
+            if older:
+                resume_expected = rng.choice(older)
+                extra = [f"checkpoint.resume={target / 'checkpoints' / f'step_{resume_expected:08d}'}"]
+        proc = start(target, *common, *extra, nproc=nproc, env=save_window, launcher_args=launcher)
+        if kind is not None:
+            workers = worker_pids_by_rank(proc.pid, nproc)
             begun = _last_step(target)
             goal = begun + rng.randint(1, 25)
             deadline = time.monotonic() + 120
@@ -74,20 +89,30 @@ def chaos(workdir: Path, interruptions: int, seed: int, steps: int = 150, log=pr
                     break
                 time.sleep(0.005)
             at_step = _last_step(target)
-            if kind in ("kill_all", "kill_in_save"):
-                _kill_tree(proc, workers)
-            elif kind == "term_launcher":
-                os.kill(proc.pid, signal.SIGTERM)
-            elif kind in ("term_one_rank", "term_in_save"):
-                os.kill(workers[rng.randrange(2)], signal.SIGTERM)
+            if kind == "second_run":  # the same command started again meanwhile: refused, nothing touched
+                for pid in workers.values():  # held still, so it cannot finish while the second one starts
+                    os.kill(pid, signal.SIGSTOP)
+                code, second = run(target, *common, "ownership.wait=0", nproc=nproc, launcher_args=launcher)
+                for pid in workers.values():
+                    os.kill(pid, signal.SIGCONT)
+                assert code != 0 and "in use by another run" in second, second
+                kind_sent = "term_launcher"
             else:
-                os.kill(workers[rng.randrange(2)], signal.SIGUSR2)
+                kind_sent = kind
+            if kind_sent in ("kill_all", "kill_in_save"):
+                _kill_tree(proc, workers)
+            elif kind_sent == "term_launcher":
+                os.kill(proc.pid, signal.SIGTERM)
+            elif kind_sent in ("term_one_rank", "term_in_save", "go_back"):
+                os.kill(workers[rng.randrange(nproc)], signal.SIGTERM)
+            else:
+                os.kill(workers[rng.randrange(nproc)], signal.SIGUSR2)
             out, _ = proc.communicate(timeout=120)
             finished = bool(events(target, "done"))
             entry = {"kind": kind, "near_step": at_step, "exit": proc.returncode, "finished": finished}
             new_stops = [e for e in events(target, "preempted") if e["time"] > history[-1]["t"]] if history else \
                 events(target, "preempted")
-            if kind.startswith(("term", "usr2")) and not finished:
+            if kind.startswith(("term", "usr2", "go_back", "second_run")) and not finished:
                 assert new_stops, f"handled {kind} near step {at_step} did not stop with a checkpoint:\n{out}"
                 entry["stopped_at"] = new_stops[-1]["step"]
                 assert new_stops[-1]["checkpoint"], out
@@ -120,9 +145,10 @@ def main() -> None:
     ap.add_argument("--interruptions", type=int, default=24)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        summary = chaos(Path(tmp), args.interruptions, args.seed, args.steps)
+        summary = chaos(Path(tmp), args.interruptions, args.seed, args.steps, nproc=args.nproc)
     print(f"OK: {summary['interruptions']} interruptions {summary['kinds']}, {summary['restarts']} resumes; "
           f"final params_sha256 equals the uninterrupted run's ({summary['params_sha256'][:16]}...)")
 

@@ -11,20 +11,19 @@ import time
 
 import pytest
 
-from recipe_helpers import command, events, interrupt_at, losses, run, start, wait_for_step, worker_pids_by_rank
+from conftest import REFERENCE_STEPS
+from recipe_helpers import command, events, head, interrupt_at, losses, run, start, wait_for_step, worker_pids_by_rank
 from preemptible.checkpoint import why_invalid
 
 pytestmark = pytest.mark.slow
 STEPS = 40
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished single-process run with checkpoints at 10, 20, 30, 40 (keep 4), to damage."""
-    run_dir = tmp_path_factory.mktemp("finished")
-    code, log = run(run_dir, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", "checkpoint.keep=4")
-    assert code == 0, log
-    return run_dir
+@pytest.fixture
+def finished(reference):
+    """A finished single-process run with checkpoints at 10, 20, 30, 40 (keep 4), to damage (copy it first)."""
+    assert STEPS == REFERENCE_STEPS
+    return reference[1]
 
 
 def _truncate_shard(d):
@@ -32,8 +31,16 @@ def _truncate_shard(d):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
+def _flip_a_byte(d):
+    shard = sorted(d.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01  # same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damage, why", [
     (lambda d: _truncate_shard(d), "bytes, the commit says"),
+    (lambda d: _flip_a_byte(d), "does not match its checksum"),
     (lambda d: (d / ".metadata").unlink(), ".metadata is missing"),
     (lambda d: (d / "COMMITTED").unlink(), "no COMMITTED marker"),
     (lambda d: (d / "COMMITTED").write_text("{not json"), "unreadable COMMITTED marker"),
@@ -67,7 +74,7 @@ def test_full_disk_during_a_save_is_an_error_and_keeps_the_last_checkpoint(tmp_p
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr
     assert "step_00000050 could not be written" in errors[0] and f"step_{STEPS:08d}" in errors[0]
     ckpts = run_dir / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    assert head(run_dir) == f"step_{STEPS:08d}"
     assert why_invalid(ckpts / f"step_{STEPS:08d}") is None
     assert not (ckpts / "step_00000050").exists()
 
@@ -181,8 +188,9 @@ def test_bad_configuration_writes_nothing(tmp_path, override, words):
 
 
 def test_random_preemptions_lose_nothing(tmp_path):
-    """The CI subset of tests/faults/chaos.py (the full run: 24 interruptions, one command)."""
+    """The CI subset of tests/faults/chaos.py (the full run: 24 interruptions, one command): 3 ranks,
+    going back and a concurrent second run forced in, then random interruptions."""
     sys.path.insert(0, os.path.dirname(__file__))
     from chaos import chaos
-    summary = chaos(tmp_path, interruptions=5, seed=3)
+    summary = chaos(tmp_path, interruptions=5, seed=3, steps=80, nproc=3, kinds=("go_back", "second_run"))
     assert summary["interruptions"] == 5

@@ -52,7 +52,7 @@ def test_signal_handler_overrides_from_the_command_line():
     assert [s.name for s in handler.signals] == ["SIGUSR2"] and handler._vote.every == 5
     cfg = _compose("signal_handler=slurm")
     handler = instantiate(cfg.signal_handler)
-    assert [s.name for s in handler.signals] == ["SIGUSR2", "SIGTERM"]
+    assert [s.name for s in handler.signals] == ["SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"]
     assert isinstance(handler._group_spec, functools.partial)  # built only once dist is up
     cfg = _compose("signal_handler.group=gloo", "signal_handler.local_rank=2", "signal_handler.sig=[SIGUSR2,SIGTERM]")
     handler = instantiate(cfg.signal_handler)

@@ -198,3 +198,43 @@ def test_get_device_backends(monkeypatch):
     monkeypatch.setattr(sh.dist, "get_backend", lambda group=None: "mpi")
     with pytest.raises(RuntimeError, match=r"'mpi'.*'nccl'.*'gloo'"):
         get_device()
+
+
+PROGRESS = textwrap.dedent("""
+    import os, signal, threading, time
+    from preemptible import DistributedSignalHandler, heartbeat
+    writing = threading.Event()
+    writing.set()
+
+    def save():  # a checkpoint being written: progress every 50 ms
+        while writing.is_set():
+            heartbeat.beat()
+            time.sleep(0.05)
+
+    with DistributedSignalHandler("SIGUSR2", escalate_after=0.2) as h:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        t = threading.Thread(target=save)
+        t.start()
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGUSR2)   # a real repeat, while the save makes progress
+        time.sleep(1.5)
+        print("the save survived the repeat", flush=True)
+        writing.clear()
+        t.join()
+        time.sleep(5)                          # no progress any more: the armed escalation fires
+    print("survived", flush=True)
+""")
+
+
+def test_a_repeat_during_progress_waits_and_fires_once_progress_stops():
+    proc = subprocess.run([sys.executable, "-c", PROGRESS], capture_output=True, text=True, timeout=60)
+    assert "the save survived the repeat" in proc.stdout, proc.stderr
+    assert proc.returncode == -signal.SIGUSR2 and "survived\n" not in proc.stdout.replace("repeat\n", "")
+    assert "received again" in proc.stderr and "no progress for" in proc.stderr
+
+
+def test_stall_window_follows_the_step_time():
+    h = DistributedSignalHandler("SIGUSR2", escalate_after=0.5)
+    assert h.stall_seconds() == 0.5
+    h._steps.seconds = 2.0  # 2-second steps: a step that is still computing is not a stall
+    assert h.stall_seconds() == 6.0

@@ -110,10 +110,12 @@ def test_a_closing_file_waits_for_its_writeback_requests(tmp_path, monkeypatch):
         seen.append(threading.current_thread().name)
 
     monkeypatch.setattr(storage, "start_writeback", slow)
-    with storage.EarlyFlushFileSystem(kick_bytes=5).create_stream(tmp_path / "f", "wb") as stream:
+    fs = storage.ChecksumFileSystem(kick_bytes=5)
+    with fs.create_stream(tmp_path / "f", "wb") as stream:
         stream.write(b"x" * 10)
     assert seen and seen[0].startswith("preemptible-writeback")
     assert (tmp_path / "f").read_bytes() == b"x" * 10
+    assert fs.sums["f"] == storage.file_crc32c(tmp_path / "f")  # checksummed while written
 
 
 @pytest.mark.parametrize("options, words", [

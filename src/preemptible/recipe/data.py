@@ -33,7 +33,18 @@ class ByteWindows(Dataset):
     """Non-overlapping windows of `block_size + 1` bytes: (input, next-byte targets)."""
 
     def __init__(self, paths: Optional[Sequence[str]] = None, block_size: int = 128, max_bytes: int = 4_000_000):
-        files = list(paths) if paths else stdlib_files()
+        if isinstance(paths, str):
+            paths = [paths]  # data.paths=FILE: one file, not its characters
+        if paths is not None and (not isinstance(paths, Sequence) or not all(isinstance(p, str) for p in paths)):
+            raise ConfigError(f"data.paths={paths!r}; expected a list of text files, e.g. data.paths=[a.txt,b.txt], "
+                              "or null for the standard library's sources")
+        if paths is not None and len(paths) == 0:
+            raise ConfigError("data.paths=[] lists no files; give text files (data.paths=[my.txt]) or null for the "
+                              "standard library's sources")
+        for name, value, low in (("block_size", block_size, 1), ("max_bytes", max_bytes, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"data.{name}={value!r}; expected an int >= {low}")
+        files = list(paths) if paths is not None else stdlib_files()
         chunks, total = [], 0
         for path in files:
             if not os.path.isfile(path):
@@ -75,6 +86,9 @@ class Batches:
     """An endless, resumable stream of batches for one rank: epochs follow one another."""
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int = 0):
+        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"data.{name}={value!r}; expected an int >= {low}")
         if len(dataset) < batch_size * world_size:
             raise ConfigError(
                 f"data: {len(dataset)} windows cannot fill one batch of data.batch_size={batch_size} "

@@ -21,8 +21,10 @@ class _WarmupCosine:
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 50,
                   min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to `min_ratio` of the base LR at `total_steps`."""
-    if warmup_steps < 0 or not 0 <= min_ratio <= 1:
-        raise ValueError(f"lr_schedule: warmup_steps={warmup_steps} must be >= 0 and min_ratio={min_ratio} in [0, 1]")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"lr_schedule.warmup_steps={warmup_steps!r}; expected an int >= 0")
+    if isinstance(min_ratio, bool) or not isinstance(min_ratio, (int, float)) or not 0 <= min_ratio <= 1:
+        raise ValueError(f"lr_schedule.min_ratio={min_ratio!r}; expected a number in [0, 1]")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(max(1, warmup_steps), total_steps, min_ratio))
 
 

@@ -31,6 +31,12 @@ class GPT(nn.Module):
     def __init__(self, vocab_size: int = 256, block_size: int = 128, n_layer: int = 4, n_head: int = 4,
                  n_embd: int = 128, dropout: float = 0.1, init_from: str | None = None):
         super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("block_size", block_size), ("n_layer", n_layer),
+                            ("n_head", n_head), ("n_embd", n_embd)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name}={value!r}; expected an int >= 1")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"model.dropout={dropout!r}; expected a number in [0, 1)")
         if n_embd % n_head:
             raise ValueError(f"model.n_embd={n_embd} must be divisible by model.n_head={n_head}")
         self.block_size = block_size

@@ -1,0 +1,158 @@
+"""The recipe's own settings: every value checked before anything runs or is written, and what a
+resume does when the configuration changed since the checkpoint was written.
+
+Building blocks check their own arguments (model, data, optimizer, checkpoint, signal handler);
+this module checks the keys that are only read later (at a stop, at a time limit), so a typo
+fails at start, in one line, not after hours of training.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from preemptible.errors import ConfigError
+
+log = logging.getLogger("preemptible.train")
+
+
+def _number(key: str, value: Any, *, low: float, strict: bool = False, none_ok: bool = False, integer: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    kinds = (int,) if integer else (int, float)
+    ok = not isinstance(value, bool) and isinstance(value, kinds) and (value > low if strict else value >= low)
+    if not ok:
+        what = "an int" if integer else "a number"
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise ConfigError(f"{key}={value!r}; expected {what} {bound}{' or null' if none_ok else ''}")
+
+
+def _bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}; expected true or false")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every key read after start-up, checked now (ConfigError names the key and what fits)."""
+    trainer, scheduler = cfg.trainer, cfg.scheduler
+    _number("trainer.max_steps", trainer.max_steps, low=1, integer=True)
+    _number("trainer.log_every", trainer.log_every, low=1, integer=True)
+    _number("seed", cfg.seed, low=0, integer=True)
+    code = trainer.exit_code_on_stop
+    if code is not None and (isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 255):
+        raise ConfigError(f"trainer.exit_code_on_stop={code!r}; expected an exit status from 0 to 255, or null "
+                          "(128 + the signal number)")
+    _bool("trainer.param_digests", trainer.param_digests)
+    _number("scheduler.grace_period", scheduler.grace_period, low=0, strict=True, none_ok=True)
+    _number("scheduler.save_guess", scheduler.save_guess, low=0)
+    _number("scheduler.margin", scheduler.margin, low=0)
+    _bool("scheduler.time_limit", scheduler.time_limit)
+    _number("ownership.wait", cfg.ownership.wait, low=0)
+    _number("ownership.stale_after", cfg.ownership.stale_after, low=0, strict=True)
+    optim = cfg.get("optim")
+    if optim is not None and "lr" in optim:
+        _number("optim.lr", optim.lr, low=0, strict=True)
+
+
+def check_vocab(vocab_size: int, data: Any) -> None:
+    """The model must embed every byte value the data holds."""
+    top = int(data.max()) if len(data) else 0
+    if vocab_size <= top:
+        raise ConfigError(f"model.vocab_size={vocab_size} is too small for the data: it holds byte values up to {top}; "
+                          "use model.vocab_size=256 for byte-level text")
+
+
+# ----------------------------------------------------------------------------- resume with changes
+
+# Keys whose change a resume cannot honour: the checkpoint would not load, or the data order and
+# RNG streams it continues belong to the old values.
+REFUSED = ("model.vocab_size", "model.block_size", "model.n_layer", "model.n_head", "model.n_embd", "model._target_",
+           "optim._target_", "lr_schedule._target_", "seed", "data._target_", "data.paths", "data.block_size",
+           "data.max_bytes", "data.batch_size")
+# Keys that take effect from the resumed step on (applied after the checkpoint is loaded).
+APPLIED = ("optim.", "lr_schedule.", "trainer.max_steps", "model.dropout")
+
+
+def composed(cfg: DictConfig) -> dict[str, Any]:
+    """The configuration a checkpoint records: resolved, as plain data."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(saved: Optional[dict], now: dict) -> tuple[list[str], list[str], list[str]]:
+    """(refused, applied, other) changed keys, each as 'key: old -> new'."""
+    if not saved:
+        return [], [], []
+    old, new = _flat(saved), _flat(now)
+    refused, applied, other = [], [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key) or key.startswith("hydra."):
+            continue
+        text = f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+        if key in REFUSED:
+            refused.append(text)
+        elif key.startswith(APPLIED):
+            applied.append(text)
+        else:
+            other.append(text)
+    return refused, applied, other
+
+
+def refuse_changes(saved: Optional[dict], now: dict, checkpoint: str) -> None:
+    """Before loading: ConfigError naming every change a resume cannot honour."""
+    refused, _, _ = config_changes(saved, now)
+    if refused:
+        raise ConfigError(f"{checkpoint} was written with another configuration that a resume cannot honour "
+                          f"({'; '.join(refused)}); start a new run (run_name=...), or fine-tune from it with "
+                          f"model.init_from={checkpoint}")
+
+
+def apply_after_resume(saved: Optional[dict], now: dict, checkpoint: str, optimizer: Any, schedule: Any,
+                       fresh_lambdas: list[dict]) -> None:
+    """After loading (and `refuse_changes`): apply the changes from the resumed step on, say what changed.
+
+    The optimizer's hyperparameters and the LR schedule come from the checkpoint when it loads;
+    here the current configuration's values replace them, so that a changed `optim.lr`, schedule
+    or `trainer.max_steps` (the schedule is stretched to the new length) applies from the first
+    resumed step. Unchanged values leave the loaded state exactly as it was.
+    """
+    _, applied, other = config_changes(saved, now)
+    if applied:
+        before = [g["lr"] for g in optimizer.param_groups]
+        opt_cfg = {k: v for k, v in now.get("optim", {}).items() if not k.startswith("_")}
+        for group in optimizer.param_groups:
+            for k, v in opt_cfg.items():
+                if k in group:
+                    group[k] = tuple(v) if isinstance(group[k], tuple) else v
+            if "lr" in opt_cfg:
+                group["initial_lr"] = opt_cfg["lr"]
+        if "lr" in opt_cfg:
+            schedule.base_lrs = [opt_cfg["lr"]] * len(optimizer.param_groups)
+        for fn, fresh in zip(schedule.lr_lambdas, fresh_lambdas):
+            if fresh is not None:
+                fn.__dict__.update(fresh)  # the schedule as configured now (its length: trainer.max_steps)
+        lrs = [base * fn(schedule.last_epoch) for base, fn in zip(schedule.base_lrs, schedule.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        schedule._last_lr = lrs
+        log.warning("configuration changed since %s, applied from the resumed step on: %s; the LR of the next "
+                    "step is %.4g (was %.4g)", checkpoint, "; ".join(applied), lrs[0], before[0])
+    if other:
+        log.info("configuration changed since %s (takes effect now): %s", checkpoint, "; ".join(other))
+
+
+def schedule_lambdas(schedule: Any) -> list[Optional[dict]]:
+    """The schedule's own parameters as built from the configuration (before a load replaces them);
+    None for a plain function (LambdaLR saves nothing of those either)."""
+    return [None if isinstance(fn, types.FunctionType) else dict(vars(fn)) for fn in schedule.lr_lambdas]

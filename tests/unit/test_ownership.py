@@ -1,0 +1,148 @@
+"""One owner per run directory: real processes hold, lose and fight over the lease."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from preemptible.errors import CheckpointError, ConfigError
+from preemptible.ownership import LEASE, RunLease
+
+import preemptible
+
+# The lease needs nothing from torch: the helper processes load only preemptible.ownership (and
+# preemptible.errors), not the package's __init__, so each starts in a fraction of a second.
+LEAN = textwrap.dedent(f"""
+    import sys, types
+    package = types.ModuleType("preemptible")
+    package.__path__ = [{os.path.dirname(preemptible.__file__)!r}]
+    sys.modules["preemptible"] = package
+""")
+
+HOLDER = LEAN + textwrap.dedent("""
+    import sys, time
+    from preemptible.ownership import RunLease
+    lease = RunLease(sys.argv[1], wait=0, stale_after=float(sys.argv[2])).acquire()
+    print("owned", flush=True)
+    time.sleep(float(sys.argv[3]))
+    lease.release()
+""")
+
+
+def hold(directory, stale_after=3.0, seconds=60.0):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), str(stale_after), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "owned"
+    return proc
+
+
+def test_a_second_run_fails_naming_the_owner(tmp_path):
+    owner = hold(tmp_path)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConfigError) as e:
+            RunLease(tmp_path, wait=1.0, stale_after=3.0).acquire()
+        assert 1.0 <= time.monotonic() - started < 5
+        text = str(e.value)
+        assert f"pid {owner.pid}" in text and "host" in text and "since" in text and "waited 1s" in text
+        assert json.loads((tmp_path / LEASE).read_text())["pid"] == owner.pid  # untouched
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_a_second_run_waits_for_the_owner_to_finish(tmp_path):
+    owner = hold(tmp_path, seconds=1.5)
+    lease = RunLease(tmp_path, wait=30, stale_after=3.0).acquire()  # the requeue case: the old job still saves
+    assert owner.wait(timeout=10) == 0
+    assert json.loads((tmp_path / LEASE).read_text())["pid"] == os.getpid()
+    lease.release()
+    assert not (tmp_path / LEASE).exists()
+
+
+def test_a_killed_owner_never_blocks_the_next_run(tmp_path):
+    owner = hold(tmp_path, stale_after=600)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    started = time.monotonic()
+    lease = RunLease(tmp_path, wait=0, stale_after=600).acquire()  # same host, pid gone: at once
+    assert time.monotonic() - started < 1
+    lease.release()
+
+
+def test_a_dead_owner_on_another_host_expires_after_stale_after(tmp_path):
+    (tmp_path / LEASE).write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "since": time.time(), "beat": 7}))
+    started = time.monotonic()
+    lease = RunLease(tmp_path, wait=10, stale_after=1.0).acquire()
+    assert 1.0 <= time.monotonic() - started < 5
+    lease.release()
+
+
+def test_a_live_owner_on_another_host_is_waited_for(tmp_path):
+    path = tmp_path / LEASE
+    path.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "beat": 0}))
+    stop = threading.Event()
+
+    def renew():  # that host's renewals (its clock need not match ours)
+        beat = 0
+        while not stop.wait(0.2):
+            beat += 1
+            path.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "beat": beat}))
+
+    t = threading.Thread(target=renew)
+    t.start()
+    try:
+        with pytest.raises(ConfigError, match="node-elsewhere"):
+            RunLease(tmp_path, wait=2.0, stale_after=1.0).acquire()
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_the_owner_renews_and_notices_a_takeover(tmp_path):
+    lease = RunLease(tmp_path, wait=0, stale_after=0.6).acquire()
+    first = json.loads((tmp_path / LEASE).read_text())
+    time.sleep(0.5)
+    assert json.loads((tmp_path / LEASE).read_text())["beat"] > first["beat"]
+    lease.check()
+    (tmp_path / LEASE).write_text(json.dumps({"host": "intruder", "pid": 5, "token": "x"}))
+    with pytest.raises(CheckpointError, match="intruder"):
+        lease.check()
+    lease.release()
+    assert "intruder" in (tmp_path / LEASE).read_text()  # not ours: left alone
+
+
+def test_racing_newcomers_take_a_stale_lease_once(tmp_path):
+    (tmp_path / LEASE).write_text(json.dumps({"host": "node-elsewhere", "pid": 1}))
+    racer = LEAN + textwrap.dedent("""
+        import sys, time
+        from preemptible.ownership import RunLease
+        from preemptible.errors import ConfigError
+        try:
+            lease = RunLease(sys.argv[1], wait=3, stale_after=0.5).acquire()
+        except ConfigError:
+            print("refused", flush=True)
+        else:
+            print("owned", flush=True)
+            time.sleep(6)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", racer, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outcomes = sorted(p.stdout.readline().strip() for p in procs)
+    for p in procs:
+        p.kill()
+        p.wait()
+    assert outcomes == ["owned", "refused", "refused"]
+
+
+@pytest.mark.parametrize("kwargs, words", [({"wait": -1}, "wait=-1"), ({"stale_after": 0}, "stale_after=0"),
+                                           ({"wait": "x"}, "wait='x'"), ({"heartbeat": 50}, "heartbeat=50")])
+def test_bad_lease_settings_name_the_argument(tmp_path, kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        RunLease(tmp_path, **kwargs)
