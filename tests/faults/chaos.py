@@ -42,6 +42,13 @@ def _last_step(run_dir: Path) -> int:
     return max(done) if done else 0
 
 
+def _send(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # it finished (or died) just before: nothing left to interrupt
+        pass
+
+
 def _kill_tree(proc, workers) -> None:
     for pid in [proc.pid, *workers.values()]:
         try:
@@ -91,22 +98,22 @@ def chaos(workdir: Path, interruptions: int, seed: int, steps: int = 150, log=pr
             at_step = _last_step(target)
             if kind == "second_run":  # the same command started again meanwhile: refused, nothing touched
                 for pid in workers.values():  # held still, so it cannot finish while the second one starts
-                    os.kill(pid, signal.SIGSTOP)
+                    _send(pid, signal.SIGSTOP)
                 code, second = run(target, *common, "ownership.wait=0", nproc=nproc, launcher_args=launcher)
                 for pid in workers.values():
-                    os.kill(pid, signal.SIGCONT)
-                assert code != 0 and "in use by another run" in second, second
+                    _send(pid, signal.SIGCONT)
+                assert proc.poll() is not None or (code != 0 and "in use by another run" in second), second
                 kind_sent = "term_launcher"
             else:
                 kind_sent = kind
             if kind_sent in ("kill_all", "kill_in_save"):
                 _kill_tree(proc, workers)
             elif kind_sent == "term_launcher":
-                os.kill(proc.pid, signal.SIGTERM)
+                _send(proc.pid, signal.SIGTERM)
             elif kind_sent in ("term_one_rank", "term_in_save", "go_back"):
-                os.kill(workers[rng.randrange(nproc)], signal.SIGTERM)
+                _send(workers[rng.randrange(nproc)], signal.SIGTERM)
             else:
-                os.kill(workers[rng.randrange(nproc)], signal.SIGUSR2)
+                _send(workers[rng.randrange(nproc)], signal.SIGUSR2)
             out, _ = proc.communicate(timeout=120)
             finished = bool(events(target, "done"))
             entry = {"kind": kind, "near_step": at_step, "exit": proc.returncode, "finished": finished}

@@ -216,7 +216,8 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, reference):
 # ----------------------------------------------------------------------------- 5. 3 and 4 ranks
 
 
-@pytest.mark.parametrize("nproc, parallelism", [(3, "ddp"), (4, "fsdp")])
+# FSDP at 4 ranks: tests/e2e/test_fsdp.py::test_fsdp_interrupted_then_resumed_is_bit_identical.
+@pytest.mark.parametrize("nproc, parallelism", [(3, "ddp")])
 def test_stop_and_resume_is_exact_at_3_and_4_ranks(tmp_path, nproc, parallelism):
     args = ("trainer.max_steps=16", f"trainer.parallelism={parallelism}")
     full = tmp_path / "full"
