@@ -293,6 +293,18 @@ class Checkpointer:
         dirs = [p for p in self.root.iterdir() if step_of(p) is not None and p.is_dir()] if self.root.is_dir() else []
         return sorted(dirs, key=step_of, reverse=True)
 
+    def _by_line(self, line: list) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+        """Top-level checkpoints, newest first, split by `line`: on it, off it, and those with a
+        COMMITTED marker that cannot be read (with why). Unfinished saves (no marker) are in none."""
+        on, off, unreadable = [], [], []
+        for path in self._top_level():
+            try:
+                (on if in_line(read_marker(path), line) else off).append(path)
+            except ValueError as e:
+                if (path / COMMIT).exists():
+                    unreadable.append((path, str(e)))
+        return on, off, unreadable
+
     def committed(self) -> list[Path]:
         """Structurally valid checkpoints directly under root (sizes checked, not checksums), newest first."""
         return [p for p in self._top_level() if why_invalid(p) is None]
@@ -363,16 +375,10 @@ class Checkpointer:
             if found is None:
                 return Resume(None, self.line, skipped=skipped)
             return Resume(found, read_marker(found)["line"], skipped=skipped)
-        line = head["line"]
-        candidates = []
-        for path in self._top_level():
-            try:
-                if in_line(read_marker(path), line):
-                    candidates.append(path)
-            except ValueError as e:
-                if (path / COMMIT).exists():
-                    log.warning("checkpoint: skipping %s: %s", path, e)
-                    skipped.append((str(path), str(e)))
+        candidates, _, unreadable = self._by_line(head["line"])
+        for path, why in unreadable:
+            log.warning("checkpoint: skipping %s: %s", path, why)
+            skipped.append((str(path), why))
         head_path = self._resolve(head["checkpoint"])
         if head_path not in candidates and head_path.exists():  # the head is outside root (a branch point elsewhere)
             candidates.append(head_path)
@@ -425,15 +431,10 @@ class Checkpointer:
         """Checkpoints under root that are not on the new line: to abandoned/ (or deleted if asked)."""
         moved = []
         place = self.root / ABANDONED / time.strftime("%Y%m%d-%H%M%S")
-        for path in self._top_level():
+        _, off, unreadable = self._by_line(self.line)  # unfinished saves stay: a commit of that step replaces them
+        for path in off + [p for p, _ in unreadable]:
             if path.resolve() == branch_point.resolve():
                 continue
-            try:
-                if in_line(read_marker(path), self.line):
-                    continue
-            except ValueError:
-                if not (path / COMMIT).exists():
-                    continue  # an unfinished save of nobody's line: the next commit of that step replaces it
             if self.keep_abandoned:
                 place.mkdir(parents=True, exist_ok=True)
                 os.rename(path, place / path.name)
@@ -604,13 +605,8 @@ class Checkpointer:
             log.warning("checkpoint: %s is committed; pruning older checkpoints failed (%s)", final.name, e)
 
     def _prune(self, newest: Path) -> None:
-        mine = []
-        for path in self._top_level():
-            try:
-                if in_line(read_marker(path), self.line) and why_invalid(path) is None:
-                    mine.append(path)
-            except ValueError:
-                pass
+        on, _, _ = self._by_line(self.line)
+        mine = [path for path in on if why_invalid(path) is None]
         for path in mine[self.keep:]:
             if path != newest:
                 shutil.rmtree(path, ignore_errors=True)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from preemptible.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -29,8 +31,6 @@ class DistEnv:
 
 
 def _env_int(name: str, default: int) -> int:
-    from preemptible.errors import ConfigError
-
     value = os.environ.get(name)
     try:
         number = default if value is None else int(value)
@@ -44,8 +44,6 @@ def _env_int(name: str, default: int) -> int:
 
 def read_env() -> tuple[int, int, int]:
     """(world size, rank, local rank) from torchrun's/SLURM's variables; ConfigError if they do not fit."""
-    from preemptible.errors import ConfigError
-
     present = [n for n in ("RANK", "WORLD_SIZE") if n in os.environ]
     if len(present) == 1:
         missing = "WORLD_SIZE" if present == ["RANK"] else "RANK"
@@ -60,8 +58,6 @@ def read_env() -> tuple[int, int, int]:
 
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); single process otherwise."""
-    from preemptible.errors import ConfigError
-
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"trainer.device={device!r}; expected auto, cpu or cuda")
     world, rank, local = read_env()
