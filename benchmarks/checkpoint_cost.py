@@ -38,7 +38,7 @@ import torch
 from preemptible import storage
 from preemptible.checkpoint import Checkpointer, why_invalid
 from preemptible.recipe.model import GPT
-from preemptible.state import ModelOptimState, Progress
+from preemptible.state import ModelOptimState
 from preemptible.storage import start_writeback
 
 
@@ -61,9 +61,7 @@ def main() -> None:
 
     train_step()
     optimizer.step()  # optimizer state exists, as in a real run
-    progress = Progress()
-    progress.step = 1
-    state = {"model_optim": ModelOptimState(model, optimizer), "progress": progress}
+    state = {"model_optim": ModelOptimState(model, optimizer), "progress": {"step": 1}}
     plain = {"model_optim": state["model_optim"].state_dict(), "progress": {"step": 1}}  # what torch.save gets
     tensors = tensors_of(plain)
     nbytes, ntensors = sum(t.numel() * t.element_size() for t in tensors), len(tensors)

@@ -22,8 +22,8 @@ TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_siz
 
 def command(run_dir, *overrides, nproc=1, nnodes=1, node_rank=0, port=None, launcher_args=(), launcher=False):
     """The recipe's command line: plain python for one process, torchrun otherwise (or if asked)."""
-    tiny = TINY if "signal_handler=null" not in overrides else [o for o in TINY if not o.startswith("signal_handler.")]
-    args = [str(RECIPE), f"hydra.run.dir={run_dir}", *tiny, *overrides]
+    tiny = TINY if "signal_handler=none" not in overrides else [o for o in TINY if not o.startswith("signal_handler.")]
+    args = [str(RECIPE), f"run_dir={run_dir}", *tiny, *overrides]
     if nproc == 1 and nnodes == 1 and not launcher:
         return [sys.executable, *args]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *launcher_args]
@@ -115,3 +115,16 @@ def interrupt_at(run_dir, step, *overrides, sig=signal.SIGTERM, nproc=1, rank=No
     os.kill(target, sig)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
+
+
+def run_many(cases, timeout=600):
+    """[(run_dir, [overrides], {env})] -> [(exit status, output)], every case run by the real recipe's
+    main() in ONE process (tests/scripts/recipe_batch.py): for cases that fail at start, whose point
+    is the one error line and the exit status, not a process of their own each (seconds of imports)."""
+    payload = [{"argv": command(run_dir, *overrides)[2:], "env": dict(env or {})} for run_dir, overrides, env in cases]
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "recipe_batch.py")], cwd=REPO,
+                          input=json.dumps(payload), capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(cases), f"the batch ended early ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return [(r["code"], r["stdout"] + r["stderr"]) for r in results]

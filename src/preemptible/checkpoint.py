@@ -217,22 +217,22 @@ class Checkpointer:
                  async_save: bool = False, write_threads: int = 2, fsync: bool = True, writeback_mib: int = 8,
                  zip_crc32: bool = False, verify: bool = True, keep_abandoned: bool = True):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
-            raise ConfigError(f"checkpoint.interval={interval!r}; expected an int >= 0 (0 = only on stop and at the end)")
+            raise ConfigError(f"interval={interval!r}; expected an int >= 0 (0 = only on stop and at the end)")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ConfigError(f"checkpoint.keep={keep!r}; expected an int >= 1 (the newest committed checkpoints kept)")
+            raise ConfigError(f"keep={keep!r}; expected an int >= 1 (the newest committed checkpoints kept)")
         if isinstance(write_threads, bool) or not isinstance(write_threads, int) or write_threads < 1:
-            raise ConfigError(f"checkpoint.write_threads={write_threads!r}; expected an int >= 1")
+            raise ConfigError(f"write_threads={write_threads!r}; expected an int >= 1")
         for name, value in (("fsync", fsync), ("zip_crc32", zip_crc32), ("async_save", async_save),
                             ("verify", verify), ("keep_abandoned", keep_abandoned)):
             if not isinstance(value, bool):
-                raise ConfigError(f"checkpoint.{name}={value!r}; expected true or false")
+                raise ConfigError(f"{name}={value!r}; expected true or false")
         if isinstance(writeback_mib, bool) or not isinstance(writeback_mib, int) or writeback_mib < 0:
-            raise ConfigError(f"checkpoint.writeback_mib={writeback_mib!r}; expected an int >= 0 "
+            raise ConfigError(f"writeback_mib={writeback_mib!r}; expected an int >= 0 "
                               "(0 = flush only at the final fsync)")
         if not isinstance(resume, str) or not resume:
-            raise ConfigError(f"checkpoint.resume={resume!r}; expected auto, never or a checkpoint directory")
+            raise ConfigError(f"resume={resume!r}; expected auto, never or a checkpoint directory")
         if dir is not None and (not isinstance(dir, str) or not dir):
-            raise ConfigError(f"checkpoint.dir={dir!r}; expected a directory path or null (<run dir>/checkpoints)")
+            raise ConfigError(f"dir={dir!r}; expected a directory path or null (<run dir>/checkpoints)")
         self.dir, self.interval, self.keep, self.resume = dir, interval, keep, resume
         self.async_save, self.write_threads = async_save, write_threads
         self.fsync, self.writeback_mib, self.zip_crc32 = fsync, writeback_mib, zip_crc32
@@ -262,8 +262,8 @@ class Checkpointer:
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
-            raise ConfigError(f"checkpoint.dir={str(self.root)!r} is not writable ({e.strerror}); "
-                              "choose a writable directory with checkpoint.dir=PATH") from None
+            raise ConfigError(f"dir={str(self.root)!r} is not writable ({e.strerror}); "
+                              "choose a writable directory with dir=PATH") from None
         if self.async_save and is_distributed():
             # The background thread's collectives must not interleave with training's on one group.
             self._group = dist.new_group(backend="gloo")
@@ -360,9 +360,9 @@ class Checkpointer:
             existing = self.committed()
             if existing or head is not None:
                 newest = existing[0].name if existing else head["checkpoint"]
-                raise ConfigError(f"checkpoint.resume=never, but {self.root} already holds this run's checkpoints "
-                                  f"(newest: {newest}); use checkpoint.resume=auto to continue them, or a new "
-                                  "run_name (or checkpoint.dir) to start fresh beside them")
+                raise ConfigError(f"resume=never, but {self.root} already holds this run's checkpoints "
+                                  f"(newest: {newest}); use resume=auto to continue them, or a new "
+                                  "run directory (or checkpoint dir) to start fresh beside them")
             return Resume(None, self.line)
         if self.resume == "auto":
             return self._follow_head(head)
@@ -387,7 +387,7 @@ class Checkpointer:
         if found is None:
             reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped) or "none is left"
             raise ConfigError(f"no valid checkpoint is left on this run's line (head {head['checkpoint']}: {reasons}); "
-                              f"nothing was loaded or deleted. Resume from an older one with checkpoint.resume=PATH, "
+                              f"nothing was loaded or deleted. Resume from an older one with resume=PATH, "
                               f"start over in a new run directory, or remove {self.root / LATEST} to take the newest "
                               "valid checkpoint here")
         return Resume(found, head["line"] if found == head_path else read_marker(found)["line"], skipped=skipped)
@@ -395,8 +395,8 @@ class Checkpointer:
     def _from_path(self, path: Path, head: Optional[dict[str, Any]]) -> Resume:
         why = why_invalid(path, verify=self.verify)
         if why:
-            raise ConfigError(f"checkpoint.resume={self.resume!r} is not a valid checkpoint: {why}; "
-                              "use checkpoint.resume=auto to take the newest valid one")
+            raise ConfigError(f"resume={self.resume!r} is not a valid checkpoint: {why}; "
+                              "use resume=auto to take the newest valid one")
         marker = read_marker(path)
         segment = [marker["lineage"], marker["step"]]
         if head is not None:
@@ -407,7 +407,7 @@ class Checkpointer:
                 # The same command again (a requeue): continue the branch this run started at PATH.
                 resume = self._follow_head(head)
                 if resume.path is not None and resume.path.resolve() != path.resolve():
-                    log.info("checkpoint.resume=%s: this run already continued from it; resuming its newest "
+                    log.info("resume=%s: this run already continued from it; resuming its newest "
                              "commit %s", self.resume, resume.path)
                 return resume
         line = [s for s in marker["line"][:-1]] + [segment, [uuid.uuid4().hex[:12], None]]
@@ -445,7 +445,7 @@ class Checkpointer:
             _fsync_path(self.root, self.fsync)
             log.warning("checkpoint: resuming from %s starts a new branch; %s %s, not on it, %s", branch_point,
                         "checkpoint" if len(moved) == 1 else "checkpoints", ", ".join(moved),
-                        f"moved to {place}" if self.keep_abandoned else "deleted (checkpoint.keep_abandoned=false)")
+                        f"moved to {place}" if self.keep_abandoned else "deleted (keep_abandoned=false)")
 
     def _write_head(self, path: Path, step: int) -> None:
         _write_atomic(self.root / LATEST, json.dumps({"checkpoint": self._name(path), "step": step,
@@ -631,26 +631,26 @@ def load_state(path: Path, state: dict[str, Any], what: str) -> None:
         raise ConfigError(f"{what} does not fit this model/run: {describe_failure(e)}") from None
 
 
-def load_model_weights(model: Any, path: str, verify: bool = True) -> None:
-    """`model.init_from`: weights from one of our checkpoint directories or a torch.save'd state dict
-    (read with weights_only=True: neither can run code)."""
+def load_model_weights(model: Any, path: str, verify: bool = True, name: str = "path") -> None:
+    """Weights from one of our checkpoint directories or a torch.save'd state dict into `model`
+    (read with weights_only=True: neither can run code). Errors call `path` by `name`."""
     p = Path(path)
     if p.is_dir():
         why = why_invalid(p, verify=verify)
         if why:
-            raise ConfigError(f"model.init_from={path!r} is not a valid checkpoint: {why}")
+            raise ConfigError(f"{name}={path!r} is not a valid checkpoint: {why}")
         state = {"model_optim": {"model": model.state_dict()}}
-        load_state(p, state, what=f"model.init_from={path!r}")
+        load_state(p, state, what=f"{name}={path!r}")
         model.load_state_dict(state["model_optim"]["model"])
         return
     if not p.is_file():
-        raise ConfigError(f"model.init_from={path!r} does not exist; give a checkpoint directory or a .pt state dict")
+        raise ConfigError(f"{name}={path!r} does not exist; give a checkpoint directory or a .pt state dict")
     try:
         weights = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise UnsafeCheckpointError(f"model.init_from={path!r} is not a plain state dict that loads without "
+        raise UnsafeCheckpointError(f"{name}={path!r} is not a plain state dict that loads without "
                                     f"running code ({type(e).__name__}); it was not loaded") from None
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise ConfigError(f"model.init_from={path!r} does not fit the model: {str(e).splitlines()[0][:300]}") from None
+        raise ConfigError(f"{name}={path!r} does not fit the model: {str(e).splitlines()[0][:300]}") from None

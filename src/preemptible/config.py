@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -12,18 +13,26 @@ from preemptible.errors import ConfigError
 
 
 def build(cfg: DictConfig, key: str, **runtime: Any) -> Any:
-    """Instantiate `cfg[key]` (None if the group is unset or null) with runtime objects passed in."""
+    """Instantiate `cfg[key]` (None if the group is unset, null, or an empty option such as
+    `none.yaml`) with runtime objects passed in."""
     node = cfg.get(key)
-    if node is None:
+    if node is None or (isinstance(node, DictConfig) and len(node) == 0):
         return None
     try:
         return instantiate(node, **runtime)
     except InstantiationException as e:
         cause = e.__cause__ or e
         message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        raise ConfigError(f"{key}: {message}") from None
+        raise _in_group(key, message) from None
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{key}: {e}") from None
+        raise _in_group(key, str(e)) from None
+
+
+def _in_group(key: str, message: str) -> ConfigError:
+    """`interval=-1; ...` from the checkpoint group reads `checkpoint.interval=-1; ...`."""
+    if re.match(r"^[a-z_]+=", message):
+        return ConfigError(f"{key}.{message}")
+    return ConfigError(f"{key}: {message}")
 
 
 def call(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
@@ -32,4 +41,4 @@ def call(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return factory(*args, **kwargs)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{key}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise _in_group(key, str(e).splitlines()[0] if str(e) else type(e).__name__) from None

@@ -59,11 +59,11 @@ def read_env() -> tuple[int, int, int]:
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); single process otherwise."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"trainer.device={device!r}; expected auto, cpu or cuda")
+        raise ConfigError(f"device={device!r}; expected auto, cpu or cuda")
     world, rank, local = read_env()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
+        raise ConfigError("device=cuda but no CUDA device is available; use device=auto or cpu")
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -133,7 +133,8 @@ def exit_run(code: int, signals: tuple = (), fast: bool = True) -> None:
     shutdown()
     logging.getLogger("preemptible").info("exiting with status %d", code)
     if fast:
-        atexit._run_exitfuncs()  # what sys.exit would run first (trackers' flushes, our gloo guard)
+        _kill_daemon_children()
+        atexit._run_exitfuncs()  # what sys.exit would run first (trackers' flushes); no teardown follows
     else:
         let_gloo_workers_finish()
     logging.shutdown()
@@ -142,6 +143,19 @@ def exit_run(code: int, signals: tuple = (), fast: bool = True) -> None:
     if fast:
         os._exit(code)
     sys.exit(code)
+
+
+def _kill_daemon_children() -> None:
+    """Daemonic children (DataLoader workers) die with the process anyway: multiprocessing's exit
+    hook terminates, then joins them. A worker that ignores TERM (as the recipe's do, so that a
+    TERM to the process group reaches only the main process) would make that join wait forever."""
+    import multiprocessing
+
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's DataLoader would report their end as an error
+    for child in children:
+        child.kill()
 
 
 _GLOO_WORKER = "pt_gloo_runloop"  # the name ProcessGroupGloo gives its worker threads
@@ -171,10 +185,8 @@ def let_gloo_workers_finish(seconds: float = 0.1) -> None:
     ("terminate called without an active exception", SIGABRT). DDP keeps its process group
     (and its threads) alive past destroy_process_group, so joining them is not an option:
     sleeping releases the GIL and the CPU so that a pending release completes. Runs at exit
-    (registered below, before finalization starts); costs `seconds` only while gloo workers exist.
+    (`Run` calls it when it ends, `exit_run(fast=False)` before exiting; nothing is registered
+    at import); costs `seconds` only while gloo workers exist.
     """
     if _gloo_workers_alive():
         time.sleep(seconds)
-
-
-atexit.register(let_gloo_workers_finish)

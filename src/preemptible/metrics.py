@@ -21,41 +21,54 @@ class Metrics:
     event), so logging never adds a per-step host-device sync.
     """
 
-    def __init__(self, run_dir: str, enabled: bool, max_steps: int, log_every: int = 10):
-        if log_every < 1:
-            raise ValueError(f"trainer.log_every={log_every}; expected an int >= 1")
+    def __init__(self, run_dir: str, enabled: bool, max_steps: Optional[int], log_every: int = 10):
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every={log_every!r}; expected an int >= 1")
         self.enabled, self.log_every, self.max_steps = enabled, log_every, max_steps
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self._pending: list[tuple[int, torch.Tensor, float, float]] = []
+        self._pending: list[tuple[int, Any, Optional[float], float, dict]] = []
         self._bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=max_steps, dynamic_ncols=True, desc="train")
+            self._bar = tqdm(total=max_steps or None, dynamic_ncols=True, desc="train")
 
     def start(self, step: int) -> None:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
 
-    def step(self, step: int, loss: torch.Tensor, lr: float) -> None:
+    def step(self, step: int, loss: Any = None, lr: Optional[float] = None, **extra: Any) -> None:
+        """One row: loss and any other metric may be tensors (read at the flush, not now)."""
         if not self.enabled:
             return
-        self._pending.append((step, loss.detach(), lr, time.time()))
+        detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        self._pending.append((step, detach(loss), lr, time.time(), {k: detach(v) for k, v in extra.items()}))
         if len(self._pending) >= self.log_every:
             self.flush()
 
     def flush(self) -> None:
         if not self.enabled or not self._pending:
             return
-        rows = [{"step": s, "loss": float(l), "lr": lr, "time": t} for s, l, lr, t in self._pending]
+        rows = []
+        for s, loss, lr, t, extra in self._pending:
+            row: dict[str, Any] = {"step": s}
+            if loss is not None:
+                row["loss"] = _plain(loss)
+            if lr is not None:
+                row["lr"] = lr
+            row.update({k: _plain(v) for k, v in extra.items()})
+            row["time"] = t
+            rows.append(row)
         self._pending.clear()
         self._append(rows)
         last = rows[-1]
+        shown = {k: v for k, v in last.items() if k not in ("step", "time") and isinstance(v, (int, float))}
         if self._bar is not None:
             self._bar.update(last["step"] - self._bar.n)
-            self._bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
         else:
-            log.info("step %d/%d loss %.4f lr %.3e", last["step"], self.max_steps, last["loss"], last["lr"])
+            total = f"/{self.max_steps}" if self.max_steps else ""
+            log.info("step %d%s %s", last["step"], total, " ".join(f"{k} {v:.4g}" for k, v in shown.items()))
 
     def event(self, name: str, **fields: Any) -> None:
         self.flush()
@@ -73,3 +86,9 @@ class Metrics:
         self.flush()
         if self._bar is not None:
             self._bar.close()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value

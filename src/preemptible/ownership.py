@@ -114,7 +114,7 @@ class RunLease:
                 break
             if time.monotonic() >= deadline:
                 raise ConfigError(f"the run directory {self.path.parent} is in use by another run ({describe(owner)}); "
-                                  f"waited {self.wait:g}s for it to finish. Stop that run, or use another run_name; "
+                                  f"waited {self.wait:g}s for it to finish. Stop that run, or use another run directory; "
                                   f"if it is dead, its lease expires {self.stale_after:g}s after its last renewal")
             if not announced:
                 log.warning("run directory %s is in use by %s; waiting up to %gs for it to finish",

@@ -13,7 +13,7 @@ from preemptible.errors import ConfigError
 MODES = ("ddp", "fsdp")
 
 
-def parallelize(model: torch.nn.Module, mode: str, env: DistEnv, example: Optional[Callable[[], Any]] = None
+def parallelize(model: torch.nn.Module, parallelism: str, env: DistEnv, example: Optional[Callable[[], Any]] = None
                 ) -> torch.nn.Module:
     """DDP: every rank holds the whole model, gradients all-reduced. FSDP2: parameters, gradients
     and optimizer state sharded over ranks (each transformer block its own unit); checkpoints are
@@ -21,8 +21,9 @@ def parallelize(model: torch.nn.Module, mode: str, env: DistEnv, example: Option
 
     example: () -> the model's arguments for one forward (DDP): see `settle_buckets`.
     """
+    mode = parallelism
     if mode not in MODES:
-        raise ConfigError(f"trainer.parallelism={mode!r}; expected one of {', '.join(MODES)}")
+        raise ConfigError(f"parallelism={mode!r}; expected one of {', '.join(MODES)}")
     if mode == "ddp":
         if env.world_size == 1:
             return model
@@ -31,7 +32,7 @@ def parallelize(model: torch.nn.Module, mode: str, env: DistEnv, example: Option
             settle_buckets(ddp, *example())
         return ddp
     if not is_distributed():
-        raise ConfigError("trainer.parallelism=fsdp needs a process group: launch with torchrun "
+        raise ConfigError("parallelism=fsdp needs a process group: launch with torchrun "
                           "(torchrun --nproc_per_node=N, N may be 1)")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

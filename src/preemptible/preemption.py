@@ -65,7 +65,7 @@ def end_time(max_time: Any, slurm_time_limit: bool) -> Optional[float]:
     ends = []
     if max_time is not None:
         if isinstance(max_time, bool) or not isinstance(max_time, (int, float)) or max_time <= 0:
-            raise ConfigError(f"trainer.max_time={max_time!r}; expected seconds > 0 or null")
+            raise ConfigError(f"max_time={max_time!r}; expected seconds > 0 or null")
         ends.append(time.time() + max_time)
     if slurm_time_limit and slurm.job_id():
         end = slurm.job_end_time()
@@ -76,7 +76,7 @@ def end_time(max_time: Any, slurm_time_limit: bool) -> Optional[float]:
 
 def want_requeue(mode: Any) -> bool:
     if mode not in ("auto", True, False):
-        raise ConfigError(f"scheduler.requeue={mode!r}; expected auto, true or false")
+        raise ConfigError(f"requeue={mode!r}; expected auto, true or false")
     if mode == "auto":
         return slurm.job_id() is not None and slurm.requeue_allowed()
     return bool(mode)

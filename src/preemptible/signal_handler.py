@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import types
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,8 @@ from preemptible.stop import DEADLINE, AgreedMax, GradientFlag, StepClock
 
 log = logging.getLogger(__name__)
 
-SignalSpec = Any  # signal.Signals | int | str | a list of them
+SignalLike = Union[int, str, signal.Signals]  # as NeMo Automodel's module names it
+SignalSpec = Any  # SignalLike or a sequence of them
 _ACCEPTED = "a signal.Signals, an int, a name such as 'SIGUSR2' or 'usr2', or a list of those"
 _UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 _WORKING_BACKENDS = "'nccl' (CUDA tensors) and 'gloo' (CPU tensors)"
@@ -48,31 +49,39 @@ def _dist_ready() -> bool:
 
 
 def _one_signal(value: Any) -> signal.Signals:
-    if isinstance(value, bool):  # bool is an int: True would silently mean SIGHUP
-        raise ValueError(f"signal {value!r} is a bool; expected {_ACCEPTED}")
-    if isinstance(value, signal.Signals):
-        sig = value
-    elif isinstance(value, int):
-        try:
-            sig = signal.Signals(value)
-        except ValueError:
-            raise ValueError(f"{value} is not a signal number on this system; expected {_ACCEPTED}") from None
-    elif isinstance(value, str):
-        text = value.strip()
-        if text.lstrip("-").isdigit():
-            return _one_signal(int(text))
-        name = text.upper()
-        if not name.startswith("SIG"):
-            name = "SIG" + name
-        try:
-            sig = signal.Signals[name]
-        except KeyError:
-            raise ValueError(f"unknown signal name {value!r}; expected {_ACCEPTED}") from None
-    else:
-        raise ValueError(f"signal {value!r} has type {type(value).__name__}; expected {_ACCEPTED}")
+    try:
+        sig = resolve_signal(value)
+    except TypeError:
+        kind = "a bool" if isinstance(value, bool) else f"type {type(value).__name__}"
+        raise ValueError(f"signal {value!r} has {kind}; expected {_ACCEPTED}") from None
     if sig in _UNCATCHABLE:
         raise ValueError(f"{sig.name} cannot be caught by any process; choose a catchable signal such as SIGTERM or SIGUSR2")
     return sig
+
+
+def resolve_signal(sig: SignalLike) -> signal.Signals:
+    """One signal spec -> its `signal.Signals` member, as NeMo Automodel's `resolve_signal`: an int
+    (15), a member (signal.SIGTERM) or a case-insensitive name with or without SIG ('SIGTERM',
+    'usr2'). ValueError for an unknown name or number, TypeError for another type (bool too:
+    True would silently mean SIGHUP). Uncatchable signals resolve; a handler refuses them."""
+    if isinstance(sig, bool) or not isinstance(sig, (int, str, signal.Signals)):
+        raise TypeError(f"signal must be an int, str or signal.Signals, got {type(sig).__name__} ({sig!r})")
+    if isinstance(sig, signal.Signals):
+        return sig
+    if isinstance(sig, int):
+        try:
+            return signal.Signals(sig)
+        except ValueError:
+            raise ValueError(f"{sig} is not a signal number on this system; expected {_ACCEPTED}") from None
+    name = sig.strip().upper()
+    if name.lstrip("-").isdigit():
+        return resolve_signal(int(name))
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        raise ValueError(f"unknown signal name {sig!r}; expected {_ACCEPTED}") from None
 
 
 def parse_signals(sig: SignalSpec) -> tuple[signal.Signals, ...]:
@@ -271,7 +280,7 @@ class DistributedSignalHandler:
         max_latency: float = 1.0,
     ):
         self.signals = parse_signals(sig)
-        self.sig = sig
+        self.sigs = list(self.signals)  # NeMo Automodel's name: the handled signals, in the order given
         _check_group_spec(group)
         if local_rank is not None and (isinstance(local_rank, bool) or not isinstance(local_rank, int) or local_rank < 0):
             raise ValueError(f"local_rank={local_rank!r}; expected a non-negative int or None")
@@ -300,6 +309,11 @@ class DistributedSignalHandler:
         self._watcher: Optional[threading.Thread] = None
         self._socks: Optional[tuple[socket.socket, socket.socket]] = None
 
+    @property
+    def sig(self) -> signal.Signals:
+        """The first configured signal (NeMo Automodel's backward-compatible accessor)."""
+        return self.sigs[0]
+
     # -- group -----------------------------------------------------------------------------
 
     @property
@@ -322,6 +336,9 @@ class DistributedSignalHandler:
                 "DistributedSignalHandler must be entered from the main thread "
                 "(Python only runs signal handlers there)"
             )
+        from preemptible import early
+
+        held = early.take_held()  # signals that came while the process was starting (hold_signals)
         self._reset_state()
         self._vote.reset()
         installed: list[int] = []
@@ -337,6 +354,13 @@ class DistributedSignalHandler:
             raise
         self._installed = True
         self.released = False
+        for signum, arrived in held:
+            if signum in self.signals:  # received then, as far as the stop is concerned
+                self.received.append((signum, arrived))
+                self._first_seen.setdefault(signum, arrived)
+                log.info("%s arrived while the process was starting; stopping at the first step boundary",
+                         signal.Signals(signum).name)
+        early.redeliver([(s, t) for s, t in held if s not in self.signals])  # not ours: as if never held
         if self.escalate:
             self._start_watcher()
         _ = self.group  # build a side group now, while every rank is at the same point
@@ -481,15 +505,20 @@ class DistributedSignalHandler:
         self._vote.drain()
         return all_gather_item(self.local_signal(), torch.int32, group=self.group, local_rank=self.local_rank)
 
-    def should_stop(self) -> bool:
+    def should_stop(self, *, every_call: bool = False) -> bool:
         """The agreed stop decision: same answer on every rank at the same call, sticky once True.
 
         Call it at the same point of every step on every rank. It costs one small MAX
         reduction every `check_every` calls; pipelined, the reduction started at one call is
         read at the next, so the loop never waits on it (latency: `check_every` steps).
+        every_call: reduce at this call whatever `check_every` says (every rank passes the same):
+        for checks between eval batches or micro-batches, whose spacing differs from the steps'
+        that `check_every='auto'` measured, so a slow phase cannot stretch the latency.
         """
         self._boundary()
         _ = self.group
+        if every_call and isinstance(self._vote, AgreedMax):
+            return self._vote(self.local_signal(), force=True) != 0
         return self._vote(self.local_signal()) != 0
 
     def ride_on_gradients(self, ddp_model: torch.nn.Module) -> "DistributedSignalHandler":

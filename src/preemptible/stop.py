@@ -101,14 +101,15 @@ class AgreedMax:
         """Finish an in-flight reduction (before other collectives on the group, or release)."""
         self._collect()
 
-    def __call__(self, local: int) -> int:
+    def __call__(self, local: int, force: bool = False) -> int:
+        """force: reduce at this call regardless of the interval (every rank must pass the same)."""
         self.calls += 1
         if not self._ready():
             self.value = max(self.value, int(local))
             return self.value
-        if self.auto:
-            self._clock.tick()
-        if self.value or self.calls < self._next:
+        if self.auto and not force:
+            self._clock.tick()  # the interval is measured on the regular (step) calls only
+        if self.value or (self.calls < self._next and not force):
             return self.value  # decided already (same on every rank), or not a reduction call
         buf = torch.tensor([int(local), -self._proposal()], dtype=torch.int64, device=self.device)
         if self.pipelined:
@@ -188,7 +189,7 @@ class Deadline:
 
     def __init__(self, end: Optional[float], save_guess: float = 30.0, margin: float = 5.0):
         if save_guess < 0 or margin < 0:
-            raise ValueError(f"scheduler.save_guess={save_guess} and scheduler.margin={margin} must be >= 0 seconds")
+            raise ValueError(f"save_guess={save_guess} and margin={margin} must be >= 0 seconds")
         self.end, self.save_guess, self.margin = end, save_guess, margin
         self.step_seconds = 0.0
         self._last = time.time()

@@ -9,7 +9,7 @@ import pytest
 
 from distributed_helpers import free_port
 from conftest import REFERENCE_STEPS
-from recipe_helpers import events, head, interrupt_at, losses, run, start
+from recipe_helpers import run_many, events, head, interrupt_at, losses, run, start
 
 pytestmark = pytest.mark.slow
 STEPS = REFERENCE_STEPS  # the shared uninterrupted runs (conftest.py: `reference`)
@@ -69,7 +69,7 @@ def test_sigusr2_from_the_command_line(tmp_path):
 
 
 def test_handler_disabled_with_null(tmp_path):
-    code, log = interrupt_at(tmp_path, 5, "trainer.max_steps=400", "signal_handler=null")
+    code, log = interrupt_at(tmp_path, 5, "trainer.max_steps=400", "signal_handler=none")
     assert code == -signal.SIGTERM
     assert not events(tmp_path, "preempted")
 
@@ -134,7 +134,7 @@ def bad_input_env(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("override, words", [
+BAD_INPUT = [
     ("signal_handler.sig=SIGFOO", ["signal_handler", "'SIGFOO'"]),
     ("signal_handler.sig=SIGKILL", ["SIGKILL cannot be caught"]),
     ("checkpoint.dir={tmp}/a_file/sub", ["checkpoint.dir", "not writable"]),
@@ -146,18 +146,30 @@ def bad_input_env(tmp_path_factory):
     ("checkpoint.resume={other}", ["cannot honour", "model.n_embd: 16 -> 32"]),
     ("data.paths=[{tmp}/empty.txt]", ["data.paths", "0 bytes"]),
     ("trainer.max_steps=0", ["trainer.max_steps=0"]),
-])
-def test_bad_input_is_one_clear_line_and_nothing_deleted(tmp_path, bad_input_env, override, words):
-    run_dir = tmp_path / "run"
-    shutil.copytree(bad_input_env / "run", run_dir)
-    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(bad_input_env, tmp_path_factory):
+    """Every case on its own copy of a run directory, all run by the real recipe in one process."""
+    cases = []
     other = bad_input_env / "other" / "checkpoints" / "step_00000002"
-    code, log = run(run_dir, override.format(tmp=bad_input_env, other=other))
+    for i, (override, _) in enumerate(BAD_INPUT):
+        run_dir = tmp_path_factory.mktemp(f"bad{i}") / "run"
+        shutil.copytree(bad_input_env / "run", run_dir)
+        cases.append((run_dir, [override.format(tmp=bad_input_env, other=other)], {}))
+    return [(run_dir, *result) for (run_dir, _, _), result in zip(cases, run_many(cases))]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_INPUT)), ids=[o.split("=")[0] for o, _ in BAD_INPUT])
+def test_bad_input_is_one_clear_line_and_nothing_deleted(bad_input_env, bad_input_results, index):
+    run_dir, code, log = bad_input_results[index]
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, log
-    for w in words:
+    for w in BAD_INPUT[index][1]:
         assert w in errors[0]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (bad_input_env / "run" / "checkpoints").iterdir())
 
 
 def test_unknown_key_fails_with_hydras_error(tmp_path):

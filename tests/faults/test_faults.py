@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import REFERENCE_STEPS
-from recipe_helpers import command, events, head, interrupt_at, losses, run, start, wait_for_step, worker_pids_by_rank
+from recipe_helpers import run_many, command, events, head, losses, run, start, wait_for_step, worker_pids_by_rank
 from preemptible.checkpoint import why_invalid
 
 pytestmark = pytest.mark.slow
@@ -120,13 +120,16 @@ def test_signal_during_start_up_loses_nothing(tmp_path, finished):
     shutil.copytree(finished, run_dir)
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     proc = start(run_dir, f"trainer.max_steps={STEPS + 10}", "checkpoint.interval=10", "checkpoint.keep=4")
-    time.sleep(0.3)  # still importing: no handler yet, the default action ends it
+    time.sleep(0.5)  # still importing torch: held (preemptible.early), honoured once the run is up
     os.kill(proc.pid, signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGTERM
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    out, _ = proc.communicate(timeout=120)
+    stop = events(run_dir, "preempted")[-1]
+    assert proc.returncode == 143 and stop["step"] == STEPS + 1 and stop["checkpoint"], out
+    assert "SIGTERM arrived while the process was starting" in out
+    now = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert f"step_{STEPS:08d}" in before and f"step_{STEPS:08d}" in now  # the old head is kept (keep=4)
     code, log = run(run_dir, f"trainer.max_steps={STEPS + 10}", "checkpoint.interval=10", "checkpoint.keep=4")
-    assert code == 0 and events(run_dir, "resumed")[-1]["step"] == STEPS
+    assert code == 0 and events(run_dir, "resumed")[-1]["step"] == STEPS + 1
 
 
 def _signal_inside(run_dir, point, *overrides):
@@ -168,7 +171,7 @@ def test_signal_after_training_finished_loses_nothing(tmp_path):
     assert code == 0 and events(tmp_path, "resumed")[-1]["step"] == 20
 
 
-@pytest.mark.parametrize("override, words", [
+BAD_CONFIGURATION = [
     ("trainer.max_stepz=3", ["max_stepz"]),
     ("trainer.max_steps=abc", ["trainer.max_steps='abc'"]),
     ("checkpoint.interval=-5", ["checkpoint.interval=-5"]),
@@ -178,13 +181,23 @@ def test_signal_after_training_finished_loses_nothing(tmp_path):
     ("trainer.stop_check=sometimes", ["trainer.stop_check='sometimes'"]),
     ("scheduler.requeue=maybe", ["scheduler.requeue='maybe'"]),
     ("trainer.max_time=-1", ["trainer.max_time=-1"]),
-])
-def test_bad_configuration_writes_nothing(tmp_path, override, words):
-    code, log = run(tmp_path / "new", override)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_configuration_results(tmp_path_factory):
+    cases = [(tmp_path_factory.mktemp(f"badcfg{i}") / "new", [override], {})
+             for i, (override, _) in enumerate(BAD_CONFIGURATION)]
+    return [(run_dir, *result) for (run_dir, _, _), result in zip(cases, run_many(cases))]
+
+
+@pytest.mark.parametrize("index", range(len(BAD_CONFIGURATION)), ids=[o for o, _ in BAD_CONFIGURATION])
+def test_bad_configuration_writes_nothing(bad_configuration_results, index):
+    run_dir, code, log = bad_configuration_results[index]
     assert code != 0
-    for w in words:
+    for w in BAD_CONFIGURATION[index][1]:
         assert w in log
-    assert not (tmp_path / "new").exists(), list((tmp_path / "new").rglob("*"))
+    assert not run_dir.exists(), list(run_dir.rglob("*"))
 
 
 def test_random_preemptions_lose_nothing(tmp_path):

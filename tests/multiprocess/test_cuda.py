@@ -44,7 +44,7 @@ def test_default_check_never_syncs_with_the_gpu(nccl_world):
                 os.kill(os.getpid(), 12)  # SIGUSR2
             if stop:
                 break
-        assert stop and step == 11
+        assert stop and step == 12  # pipelined: the reduction that carries it starts at 11, is read at 12
 
 
 def test_nccl_device_follows_the_group(nccl_world):
@@ -62,3 +62,37 @@ def test_fsdp_recipe_on_one_gpu_smoke(tmp_path):
     code, log = run(tmp_path, "trainer.parallelism=fsdp", "trainer.max_steps=30", "trainer.device=cuda",
                     nproc=1, launcher=True)
     assert code == 0 and events(tmp_path, "resumed")[0]["step"] == 20, log
+
+
+def test_amp_example_on_a_gpu_stops_during_eval_and_resumes_bit_identically(tmp_path):
+    """examples/accumulate_amp_eval.py on CUDA: float16 autocast with a real GradScaler; TERM lands
+    during an evaluation; the same command again ends with the uninterrupted run's parameters."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recipe_helpers import events, wait_for_step
+
+    repo = Path(__file__).resolve().parents[2]
+    common = ["--steps", "30", "--eval-every", "10", "--log-every", "1"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def start(run_dir, *extra):
+        return subprocess.Popen([sys.executable, str(repo / "examples" / "accumulate_amp_eval.py"), str(run_dir),
+                                 *common, *extra], cwd=repo, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    ref = start(tmp_path / "ref")
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+    proc = start(tmp_path / "run", "--eval-seconds", "1")
+    wait_for_step(tmp_path / "run", 10, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, proc.stdout.read()
+    stop = events(tmp_path / "run", "preempted")[0]
+    assert stop["step"] == 10 and stop["mid_step"] is True
+    again = start(tmp_path / "run")
+    assert again.wait(timeout=300) == 0, again.stdout.read()
+    assert events(tmp_path / "run", "done")[0]["params_sha256"] == events(tmp_path / "ref", "done")[0]["params_sha256"]
+    scales = [r["scale"] for r in (__import__("recipe_helpers").rows(tmp_path / "run")) if "scale" in r]
+    assert scales and all(s > 0 for s in scales)  # a real dynamic loss scale on the GPU

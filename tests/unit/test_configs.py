@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from preemptible import DistributedSignalHandler
+from preemptible.config import build
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
@@ -32,7 +33,7 @@ def test_compose_and_instantiate(group, option, monkeypatch):
     node = cfg[group]
     OmegaConf.resolve(cfg)
     if "_target_" not in node:
-        assert group == "trainer"  # plain settings, read by the recipe
+        assert group == "trainer" or option == "none"  # plain settings, or a group turned off
         return
     obj = instantiate(node, **RUNTIME.get(group, {}))
     if group in ("optim", "lr_schedule"):
@@ -57,5 +58,7 @@ def test_signal_handler_overrides_from_the_command_line():
     cfg = _compose("signal_handler.group=gloo", "signal_handler.local_rank=2", "signal_handler.sig=[SIGUSR2,SIGTERM]")
     handler = instantiate(cfg.signal_handler)
     assert handler._group_spec == "gloo" and handler.local_rank == 2 and len(handler.signals) == 2
+    cfg = _compose("signal_handler=none")  # an option of the group, not an argv rewrite
+    assert build(cfg, "signal_handler") is None
     cfg = _compose("~signal_handler")
-    assert cfg.get("signal_handler") is None
+    assert build(cfg, "signal_handler") is None

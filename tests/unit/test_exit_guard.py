@@ -35,16 +35,44 @@ def test_gloo_worker_threads_are_found_by_name():
     assert proc.stdout.split() == ["before", "False", "during", "True", "after", "False"]
 
 
-def test_the_guard_runs_at_exit_after_importing_preemptible():
-    code = "import preemptible, preemptible.distributed as pd\n"
+def test_importing_preemptible_changes_nothing_process_wide():
+    """No atexit hooks, signal handlers, warning filters, serialization globals, hooks or log handlers."""
+    code = textwrap.dedent("""
+        import atexit, faulthandler, logging, signal, sys, threading, warnings
+        # torch's own modules (they register safe globals and warning filters of their own on import)
+        import torch, torch.distributed.checkpoint, torch.distributed.tensor, torchdata.stateful_dataloader
+        def snapshot():
+            return (atexit._ncallbacks(), [signal.getsignal(s) for s in signal.valid_signals()
+                                           if s not in (signal.SIGKILL, signal.SIGSTOP)],
+                    list(warnings.filters), list(torch.serialization.get_safe_globals()), sys.excepthook,
+                    threading.excepthook, faulthandler.is_enabled(), list(logging.getLogger().handlers),
+                    logging.getLogger().level, signal.set_wakeup_fd(-1))
+        before = snapshot()
+        import preemptible, preemptible.run, preemptible.export, preemptible.recipe.data, preemptible.__main__
+        after = snapshot()
+        print("same" if before == after else f"changed: {before} -> {after}")
+    """)
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "same"
+
+
+def test_a_run_lets_gloo_workers_finish_when_it_ends(tmp_path):
+    """The guard the import used to register: a Run calls it itself, after its last collective."""
+    code = "import preemptible, preemptible.distributed as pd, torch\n"
     code += _GLOO_WORLD_OF_ONE.format(port=free_port())
-    code += textwrap.dedent("""
+    code += textwrap.dedent(f"""
         sleep = pd.time.sleep
         def noted(seconds):
             print('guard released the GIL for', seconds, flush=True)
             sleep(seconds)
         pd.time.sleep = noted
+        model = torch.nn.Linear(2, 2)
+        run = preemptible.Run({str(tmp_path / "run")!r}, model=model, signals=None, max_steps=1)
+        with run:
+            run.step_done()
+        print('exit code', run.exit_code)
     """)
     proc = _run(code)
     assert proc.returncode == 0, proc.stderr
-    assert "guard released the GIL for 0.1" in proc.stdout
+    assert "guard released the GIL for 0.1" in proc.stdout and "exit code 0" in proc.stdout

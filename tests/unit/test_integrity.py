@@ -10,7 +10,7 @@ import torch
 from preemptible import storage
 from preemptible.checkpoint import COMMIT, Checkpointer, load_model_weights, load_state, read_marker, why_invalid
 from preemptible.errors import ConfigError, UnsafeCheckpointError
-from preemptible.state import RankState, from_blob
+from preemptible.state import from_blob
 
 
 class Payload:
@@ -84,8 +84,10 @@ def test_crafted_rank_state_never_runs(tmp_path):
     target = tmp_path / "pwned"
     with pytest.raises(UnsafeCheckpointError, match="not plain data"):
         from_blob(pickle.dumps(Payload(target)), "rank state")  # the old pickled format, or a crafted one
+    from preemptible.run import _RankState
+
     with pytest.raises(UnsafeCheckpointError):
-        RankState(data=None).load_state_dict({"blob": pickle.dumps(Payload(target))})
+        _RankState(run=None).load_state_dict({"blob": pickle.dumps(Payload(target))})
     assert not target.exists()
 
 

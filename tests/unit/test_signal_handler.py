@@ -238,3 +238,52 @@ def test_stall_window_follows_the_step_time():
     assert h.stall_seconds() == 0.5
     h._steps.seconds = 2.0  # 2-second steps: a step that is still computing is not a stall
     assert h.stall_seconds() == 6.0
+
+
+def _early(code):
+    import subprocess
+    import sys
+    import textwrap
+
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_signals_held_during_start_up_are_taken_over_by_the_handler():
+    proc = _early("""
+        from preemptible.early import hold_signals
+        hold_signals()
+        import os, signal, time
+        os.kill(os.getpid(), signal.SIGTERM)   # while "importing torch"
+        time.sleep(0.05)
+        from preemptible import DistributedSignalHandler
+        with DistributedSignalHandler("SIGTERM") as h:
+            print("received", [s for s, _ in h.received], h.should_stop())
+    """)
+    assert proc.returncode == 0 and "received [15] True" in proc.stdout, proc.stderr
+
+
+def test_a_held_signal_nobody_handles_acts_as_it_would_have():
+    proc = _early("""
+        from preemptible.early import hold_signals
+        hold_signals()
+        import os, signal, time
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.05)
+        print("still alive", flush=True)
+        from preemptible import DistributedSignalHandler
+        with DistributedSignalHandler("SIGTERM"):   # USR2 is not its signal: delivered again now
+            time.sleep(1)
+        print("not reached")
+    """)
+    assert proc.returncode == -12 and "still alive" in proc.stdout and "not reached" not in proc.stdout
+    proc = _early("""
+        from preemptible.early import hold_signals, release_held
+        hold_signals()
+        import os, signal, time
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        release_held()                              # a run without signal handling
+        time.sleep(1)
+        print("not reached")
+    """)
+    assert proc.returncode == -15 and "not reached" not in proc.stdout

@@ -10,7 +10,6 @@ import glob
 import os
 import signal
 import sysconfig
-import warnings
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -19,9 +18,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from preemptible.errors import ConfigError
-
-# torchdata calls a torch API that torch deprecated; the warning says nothing actionable to users.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 def stdlib_files() -> list[str]:
@@ -128,6 +124,17 @@ class Batches:
         self.sampler.set_epoch(self.epoch)
         self.loader.load_state_dict(state["loader"])
         self._it = None
+
+    def __iter__(self) -> "Batches":
+        return self
+
+    def global_position(self) -> dict[str, int]:
+        """Where the stream is, the same on every rank (saved once; see `resume_position`)."""
+        return {"epoch": self.epoch, "seen": self.seen}
+
+    def resume_position(self, position: dict[str, int], saved_world_size: int) -> None:
+        """A resume on another number of ranks: continue the global stream where it was."""
+        self.reposition(position["epoch"], position["seen"] * saved_world_size)
 
     def reposition(self, epoch: int, global_seen: int) -> None:
         """Continue an epoch that another number of ranks had taken `global_seen` samples of.

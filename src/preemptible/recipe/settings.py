@@ -156,3 +156,26 @@ def schedule_lambdas(schedule: Any) -> list[Optional[dict]]:
     """The schedule's own parameters as built from the configuration (before a load replaces them);
     None for a plain function (LambdaLR saves nothing of those either)."""
     return [None if isinstance(fn, types.FunctionType) else dict(vars(fn)) for fn in schedule.lr_lambdas]
+
+
+# The library names its arguments in errors (`interval=...`); the recipe's user knows config keys.
+RECIPE_KEYS = {
+    "interval": "checkpoint.interval", "keep": "checkpoint.keep", "resume": "checkpoint.resume",
+    "dir": "checkpoint.dir", "checkpoint_dir": "checkpoint.dir", "verify": "checkpoint.verify",
+    "keep_abandoned": "checkpoint.keep_abandoned", "async_save": "checkpoint.async_save",
+    "write_threads": "checkpoint.write_threads", "fsync": "checkpoint.fsync",
+    "writeback_mib": "checkpoint.writeback_mib", "zip_crc32": "checkpoint.zip_crc32",
+    "device": "trainer.device", "parallelism": "trainer.parallelism", "log_every": "trainer.log_every",
+    "max_time": "trainer.max_time", "stop_check": "trainer.stop_check", "max_steps": "trainer.max_steps",
+    "exit_code_on_stop": "trainer.exit_code_on_stop", "requeue": "scheduler.requeue",
+    "grace_period": "scheduler.grace_period", "save_guess": "scheduler.save_guess", "margin": "scheduler.margin",
+    "slurm_time_limit": "scheduler.time_limit", "lease_wait": "ownership.wait", "wait": "ownership.wait",
+    "stale_after": "ownership.stale_after", "signals": "signal_handler.sig",
+}
+
+
+def in_recipe_terms(error: ConfigError) -> ConfigError:
+    """A library error with its argument names replaced by the recipe's configuration keys."""
+    from preemptible.run import renamed
+
+    return renamed(error, RECIPE_KEYS)

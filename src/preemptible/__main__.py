@@ -1,0 +1,41 @@
+"""python -m preemptible export RUN_OR_CHECKPOINT OUT  |  python -m preemptible status RUN_DIR"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m preemptible", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="a committed checkpoint's model weights -> a .pt or .safetensors file")
+    ex.add_argument("checkpoint", help="a run directory (its head checkpoint) or a checkpoint directory")
+    ex.add_argument("out", help="the file to write (.safetensors: safetensors, else torch.save)")
+    ex.add_argument("--format", choices=("pt", "safetensors"), help="default: from OUT's suffix")
+    ex.add_argument("--no-verify", action="store_true", help="skip the CRC-32C check of the checkpoint's files")
+    st = sub.add_parser("status", help="a run directory's checkpoints (head, lineage, validity) and its stops")
+    st.add_argument("run_dir")
+    st.add_argument("--verify", action="store_true", help="also check every file's CRC-32C (reads them all)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+
+    from preemptible.errors import ConfigError
+    from preemptible.export import export_weights, format_status, status
+
+    try:
+        if args.command == "export":
+            out = export_weights(args.checkpoint, args.out, format=args.format, verify=not args.no_verify)
+            print(f"wrote {out}")
+        else:
+            info = status(args.run_dir, verify=args.verify)
+            print(json.dumps(info, indent=1, default=str) if args.json else format_status(info))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,639 @@
+"""`Run`: one object that makes any training loop preemptible.
+
+    run = preemptible.Run("runs/exp1", model=model, optimizer=opt, scheduler=sched, data=loader,
+                          max_steps=1000, interval=100)
+    with run:                              # owns the directory, installs the signals, resumes
+        for batch in run.batches():        # where the last run stopped; ends on an agreed stop
+            loss = train_step(batch)
+            run.step_done(loss=loss)       # the agreed stop check, periodic saves, metrics
+    run.exit()                             # every rank exits with the run's status (0, 143, ...)
+
+What a checkpoint holds: the model and optimizer (torch's state-dict helpers: one process, DDP
+and FSDP2 alike), the scheduler, every `state=` object (anything with state_dict and
+load_state_dict: a GradScaler, an EMA model, a second optimizer), the `values=` dict (plain
+data), and per rank the data loader's position and every RNG (Python, NumPy, torch CPU and CUDA).
+
+The data position and the RNGs are captured at `step_done()`, so a save is always of a step
+boundary: a stop agreed in the middle of the next step (between micro-batches or eval batches:
+`run.should_stop()`) saves the boundary before it, and the resume repeats that step from its
+first batch. Pull batches only through `run.batches()` (or the loader you gave as `data`): a
+batch taken from it ahead of time belongs to the next step, and a resume takes it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from preemptible import faults, slurm
+from preemptible.checkpoint import Checkpointer
+from preemptible.distributed import barrier, broadcast_object, exit_run, is_distributed, let_gloo_workers_finish
+from preemptible.errors import CheckpointError, ConfigError
+from preemptible.metrics import Metrics
+from preemptible.ownership import RunLease
+from preemptible.preemption import Stop, agreed_stop, end_time, exit_status, save_skip_reason, want_requeue
+from preemptible.state import ModelOptimState, from_blob, params_sha256, rng_state, set_rng_state, to_blob
+from preemptible.stop import Deadline, reason_name
+
+log = logging.getLogger("preemptible.run")
+
+DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+_RESERVED = ("model_optim", "model", "lr_schedule", "progress")
+_UNSET = object()
+
+
+def renamed(error: ConfigError, names: dict[str, str]) -> ConfigError:
+    """The same error with argument names (`interval=`) replaced by the caller's (`checkpoint.interval=`)."""
+    if not names:
+        return error
+    pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")=")
+    new = type(error)(pattern.sub(lambda m: names[m.group(1)] + "=", str(error)))
+    new.__cause__ = error.__cause__
+    return new
+
+
+def _stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+class _Progress:
+    """DCP Stateful, the same on every rank: step, world size, the user's plain values, and the
+    data's global position (for a resume on another number of ranks)."""
+
+    def __init__(self, run: "Run"):
+        self.run = run
+        self.loaded: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        run = self.run
+        return {"step": run.step, "world_size": run.world_size, "epoch": run._boundary["epoch"],
+                "position": run._boundary.get("position"), "values": to_blob(dict(run.values))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loaded = dict(state)
+        self.run.step = int(state["step"])
+        if state.get("values") is not None:
+            self.run.values.clear()
+            self.run.values.update(from_blob(state["values"], "the run's saved values"))
+
+
+class _RankState:
+    """DCP Stateful for this rank: its RNGs and data position as they were at the last step boundary."""
+
+    def __init__(self, run: "Run"):
+        self.run = run
+
+    def state_dict(self) -> dict[str, Any]:
+        b = self.run._boundary
+        return {"blob": to_blob({"rng": b["rng"], "data": b["data"], "epoch": b["epoch"]})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        loaded = from_blob(state["blob"], "this rank's saved RNG and data position")
+        set_rng_state(loaded["rng"])
+        if self.run.data is not None and loaded.get("data") is not None:
+            self.run.data.load_state_dict(loaded["data"])
+        self.run._epoch = int(loaded.get("epoch", 0))
+
+
+def _process_start_time() -> Optional[float]:
+    """When this process started (wall clock; Linux /proc), for the resumed event's startup timings."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, ticks since boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return round(time.time() - age, 3)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+class Run:
+    """A training run that survives preemption: see the module docstring, and the README's
+    "The library" section for every argument.
+
+    dir:          the run directory (created if missing; one run owns it at a time).
+    model, optimizer, scheduler: saved and restored (model alone is fine; optimizer needs model).
+    data:         an iterable with state_dict/load_state_dict (torchdata's StatefulDataLoader, as is),
+                  saved per rank; `batches()` iterates it, epoch after epoch (calling
+                  `sampler.set_epoch` where the sampler has it).
+    state:        {name: object with state_dict/load_state_dict} saved too (GradScaler, EMA model, ...).
+    values:       {name: plain value} saved and restored in `run.values` (a best validation loss, ...).
+    max_steps:    `batches()` ends after this many steps (None: when the data ends, or on a stop).
+    interval, keep, resume, async_save, verify, keep_abandoned, checkpoint_dir: checkpointing
+                  (see `Checkpointer`); or pass a ready `checkpointer=`.
+    signals:      what stops the run (default TERM, INT, HUP; None: no signal handling); or pass a
+                  ready `handler=` (a DistributedSignalHandler).
+    check_every, max_latency: how often ranks agree on the stop ('auto': a stop within max_latency s).
+    stop_check:   'reduce' (default), 'gradients' (rides on DDP's all-reduce), 'all_gather'.
+    max_time:     seconds from the start after which the run stops with a checkpoint; with
+    slurm_time_limit (default True) the SLURM job's end time counts too.
+    grace_period: seconds from the first signal to SIGKILL; a stop's save that would not fit is skipped.
+    save_guess, margin: seconds a save is assumed to take until measured, and kept in hand, for
+                  the time limits.
+    requeue:      'auto' (under SLURM, when the job allows it), True or False: rank 0 requeues the
+                  job after a stop's checkpoint is committed.
+    exit_code_on_stop: the exit status after a stop (None: 128 + signal number, 124 for a time limit).
+    log_every:    losses are read from the device and printed every N steps.
+    log_file:     a file name in `dir` that gets this process's log records while the run owns it.
+    lease_wait, stale_after: a second run on the directory waits this long for the owner, and an
+                  owner on another host whose lease went unrenewed for stale_after s counts as dead.
+    param_digests: 'done' (default: the done event carries the parameters' SHA-256), True (every
+                  event), False (none).
+    meta:         plain data stored in every commit marker (the recipe stores its configuration).
+    seed:         reseeds the RNGs after a resume on another world size (their streams cannot continue).
+    """
+
+    def __init__(self, dir: Any, *, model: Optional[torch.nn.Module] = None, optimizer: Any = None,
+                 scheduler: Any = None, data: Any = None, state: Optional[dict[str, Any]] = None,
+                 values: Optional[dict[str, Any]] = None, max_steps: Optional[int] = None,
+                 interval: int = 100, keep: int = 2, resume: str = "auto", async_save: bool = False,
+                 verify: bool = True, keep_abandoned: bool = True, checkpoint_dir: Optional[str] = None,
+                 checkpointer: Optional[Checkpointer] = None, signals: Any = DEFAULT_SIGNALS, handler: Any = _UNSET,
+                 check_every: Any = "auto", max_latency: float = 1.0, stop_check: str = "reduce",
+                 max_time: Optional[float] = None, slurm_time_limit: bool = True, grace_period: Optional[float] = None,
+                 save_guess: float = 30.0, margin: float = 5.0, requeue: Any = "auto",
+                 exit_code_on_stop: Optional[int] = None, log_every: int = 10, log_file: Optional[str] = None,
+                 lease_wait: float = 120.0, stale_after: float = 30.0, param_digests: Any = "done",
+                 meta: Optional[dict[str, Any]] = None, seed: int = 0):
+        if not isinstance(dir, (str, os.PathLike)) or not str(dir):
+            raise ConfigError(f"dir={dir!r}; expected the run directory's path")
+        self.dir = Path(dir)
+        if optimizer is not None and model is None:
+            raise ConfigError("optimizer= needs model= too (the optimizer's state is keyed by the model's parameters)")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model={type(model).__name__}; expected a torch.nn.Module")
+        for name, obj in (("scheduler", scheduler), ("data", data)):
+            if obj is not None and not _stateful(obj):
+                raise ConfigError(f"{name}={type(obj).__name__} has no state_dict()/load_state_dict(); "
+                                  + ("use torchdata.stateful_dataloader.StatefulDataLoader" if name == "data" else
+                                     "pass a torch.optim.lr_scheduler object"))
+        if data is not None and not hasattr(data, "__iter__") and not hasattr(data, "__next__"):
+            raise ConfigError(f"data={type(data).__name__} is not iterable")
+        state = dict(state or {})
+        for name, obj in state.items():
+            if not isinstance(name, str) or not name or name in _RESERVED or name.startswith("rank"):
+                raise ConfigError(f"state key {name!r}: expected a name other than {', '.join(_RESERVED)} and rank*")
+            if not _stateful(obj):
+                raise ConfigError(f"state[{name!r}]={type(obj).__name__} has no state_dict()/load_state_dict(); "
+                                  "pass plain values in values= instead")
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"values={values!r}; expected a dict of plain values")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
+            raise ConfigError(f"max_steps={max_steps!r}; expected an int >= 0 or None")
+        if stop_check not in ("reduce", "gradients", "all_gather"):
+            raise ConfigError(f"stop_check={stop_check!r}; expected reduce, gradients or all_gather")
+        if exit_code_on_stop is not None and (isinstance(exit_code_on_stop, bool) or not isinstance(exit_code_on_stop, int)
+                                              or not 0 <= exit_code_on_stop <= 255):
+            raise ConfigError(f"exit_code_on_stop={exit_code_on_stop!r}; expected an int from 0 to 255 or None")
+        if grace_period is not None and (isinstance(grace_period, bool) or not isinstance(grace_period, (int, float))
+                                         or grace_period <= 0):
+            raise ConfigError(f"grace_period={grace_period!r}; expected seconds > 0 or None")
+        if param_digests not in ("done", True, False):
+            raise ConfigError(f"param_digests={param_digests!r}; expected 'done', True or False")
+        if log_file is not None and (not isinstance(log_file, str) or not log_file or os.sep in log_file):
+            raise ConfigError(f"log_file={log_file!r}; expected a file name (it is written inside dir)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed={seed!r}; expected an int")
+        for name, value in (("lease_wait", lease_wait), ("stale_after", stale_after)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                    name == "stale_after" and value == 0):
+                raise ConfigError(f"{name}={value!r}; expected seconds >= 0" + (" (> 0)" if name == "stale_after" else ""))
+        want_requeue(requeue)  # validated now, not at the stop
+        if checkpointer is None:
+            try:
+                checkpointer = Checkpointer(dir=None if checkpoint_dir is None else str(checkpoint_dir),
+                                            interval=interval, keep=keep, resume=str(resume), async_save=async_save,
+                                            verify=verify, keep_abandoned=keep_abandoned)
+            except ConfigError as e:
+                raise renamed(e, {"dir": "checkpoint_dir"}) from None
+        if handler is _UNSET:
+            handler = None
+            if signals is not None:
+                from preemptible.signal_handler import DistributedSignalHandler
+
+                try:
+                    handler = DistributedSignalHandler(signals, group="cpu", check_every=check_every,
+                                                       max_latency=max_latency)
+                except ValueError as e:
+                    raise ConfigError(f"signals={signals!r}: {e}") from None
+        self.deadline = Deadline(end_time(max_time, slurm_time_limit), save_guess, margin)
+        if self.deadline.end is not None and handler is None:
+            raise ConfigError("max_time and SLURM time limits need signal handling to agree on the stop step; "
+                              "pass signals= (not None), or max_time=None and slurm_time_limit=False")
+
+        self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
+        self.extra = state
+        self.values: dict[str, Any] = dict(values or {})
+        self.max_steps = max_steps
+        self.checkpointer, self.handler = checkpointer, handler
+        self.stop_check, self.grace_period, self.requeue = stop_check, grace_period, requeue
+        self.exit_code_on_stop, self.log_every, self.log_file_name = exit_code_on_stop, log_every, log_file
+        self.lease_wait, self.stale_after = lease_wait, stale_after
+        self.param_digests, self.meta, self.seed = param_digests, dict(meta or {}), seed
+        self.before_resume: Any = None  # (marker dict, path) -> None: may refuse a resume (raise ConfigError)
+        self.after_resume: Any = None   # (marker dict, path) -> None: e.g. apply changed hyperparameters
+
+        self.rank = dist.get_rank() if is_distributed() else 0
+        self.world_size = dist.get_world_size() if is_distributed() else 1
+        self.step = 0
+        self.stop: Optional[Stop] = None    # the agreed stop, once there is one
+        self.finished = False               # left the loop without a stop (max_steps, data ended, or the user)
+        self.exit_code: Optional[int] = None
+        self.last_checkpoint: Optional[Path] = None
+        self.resumed_from: Optional[Path] = None
+        self.metrics: Optional[Metrics] = None
+        self._epoch = 0
+        self._boundary: dict[str, Any] = {}
+        self._iter: Optional[Iterator] = None
+        self._leases: list[RunLease] = []
+        self._log_handler: Optional[logging.Handler] = None
+        self._hooks: list[Any] = []
+        self._lr: Optional[float] = None
+        self._entered = False
+        self._created: list[Path] = []
+        self._check = lambda: False
+        self._check_between = lambda: False
+        self._mid_step = False  # the stop was agreed by should_stop() (inside a step or an eval)
+        self._dcp: dict[str, Any] = {}
+        try:
+            Metrics(str(self.dir), enabled=False, max_steps=0, log_every=log_every)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    # -- entering: own, install, resume ---------------------------------------------------------
+
+    def __enter__(self) -> "Run":
+        if self._entered:
+            raise RuntimeError("a Run is entered once; make a new Run for another run")
+        self._entered = True
+        self._entered_at = time.time()
+        self.rank = dist.get_rank() if is_distributed() else 0  # the process group may be newer than the Run
+        self.world_size = dist.get_world_size() if is_distributed() else 1
+        try:
+            self._own()
+            self.checkpointer.setup(str(self.dir), self.rank)
+            self.checkpointer.owner_check = self._leases[0].check if self._leases else None
+            self.checkpointer.meta = {**self.meta}
+            self.metrics = Metrics(str(self.dir), enabled=self.rank == 0, max_steps=self.max_steps or 0,
+                                   log_every=self.log_every)
+            self._dcp = self._state_for_dcp()
+            self._check = self._stop_check()
+            if self.handler is not None:
+                self.handler.__enter__()  # from here a signal is recorded, during the resume too
+            else:
+                from preemptible import early
+
+                early.release_held()  # no handling asked for: held signals act as they would have
+            self._snapshot()
+            self._resume()
+            self._snapshot()
+            if self.optimizer is not None:
+                self._hooks.append(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self.metrics.start(self.step)
+        except BaseException:
+            self._abandon_start()
+            raise
+        return self
+
+    def _own(self) -> None:
+        """Rank 0 takes the leases (run dir, and checkpoint dir if outside); every rank learns the outcome."""
+        dirs = [self.dir]
+        cdir = self.checkpointer.dir
+        if cdir and not Path(cdir).resolve().is_relative_to(self.dir.resolve()):
+            dirs.append(Path(cdir))
+        error = None
+        if self.rank == 0:
+            d = self.dir.absolute()
+            while not d.exists():  # what this run creates (and removes again if its start fails)
+                self._created.append(d)
+                d = d.parent
+            for i, d in enumerate(dirs):
+                try:
+                    self._leases.append(RunLease(d, wait=self.lease_wait, stale_after=self.stale_after).acquire())
+                except ConfigError as e:
+                    error = ConfigError(f"checkpoint_dir={str(d)!r}: {e}") if i else e
+                    break
+        error = broadcast_object(error)
+        if error is not None:
+            raise error
+        barrier()  # the directory exists for every rank
+        if self.log_file_name:
+            root = logging.getLogger()
+            self._log_handler = logging.FileHandler(self.dir / self.log_file_name)
+            self._log_handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
+            root.addHandler(self._log_handler)
+
+    def _abandon_start(self) -> None:
+        """A start that failed: undo what __enter__ did; a directory it created (still holding only
+        its own files) is removed, so a mistyped argument leaves nothing behind."""
+        if self.handler is not None and getattr(self.handler, "_installed", False):
+            self.handler.release()
+        self._close_log()
+        for h in self._hooks:
+            h.remove()
+        self._release()
+        if self.rank == 0 and self._created:
+            for name in (self.log_file_name, "metrics.jsonl"):
+                if name:
+                    (self.dir / name).unlink(missing_ok=True)
+            for d in [self.dir / "checkpoints", *self._created]:
+                try:
+                    d.rmdir()  # only if empty: anything else put there stays
+                except OSError:
+                    pass
+
+    def _state_for_dcp(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"progress": _Progress(self), f"rank{self.rank}": _RankState(self)}
+        if self.model is not None:
+            state["model_optim"] = ModelOptimState(self.model, self.optimizer)
+        if self.scheduler is not None:
+            state["lr_schedule"] = self.scheduler
+        state.update(self.extra)
+        return state
+
+    def _stop_check(self):
+        handler = self.handler
+        self._check_between = lambda: False
+        if handler is None:
+            return lambda: False
+        self._check_between = lambda: handler.should_stop(every_call=True) if self.stop_check == "reduce" \
+            else any(handler.signals_received())
+        if self.stop_check == "gradients":
+            if not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+                raise ConfigError("stop_check=gradients needs a DDP model with more than one rank; use reduce")
+            handler.ride_on_gradients(self.model)
+        if self.stop_check == "all_gather":
+            return lambda: any(handler.signals_received())
+        return handler.should_stop
+
+    def _resume(self) -> None:
+        cp = self.checkpointer
+        resume = cp.resume_path()
+        if resume.path is None:
+            return
+        marker = cp.marker(resume.path)
+        if self.before_resume is not None:
+            self.before_resume(marker, resume.path)
+        saved_world = int(marker.get("world_size", 1))
+        progress = self._dcp["progress"]
+        to_load = self._dcp if saved_world == self.world_size else {
+            k: v for k, v in self._dcp.items() if not k.startswith("rank")}
+        load_started = time.perf_counter()
+        cp.load(resume.path, to_load)
+        load_seconds = time.perf_counter() - load_started
+        if saved_world != self.world_size:
+            self._continue_on_new_world(progress.loaded, saved_world)
+        cp.last_committed_step = self.step
+        if self.after_resume is not None:
+            self.after_resume(marker, resume.path)
+        cp.adopt(resume, self.step)
+        self.resumed_from = resume.path
+        log.info("resumed from %s at step %d (written by %d ranks, now %d; verified in %.2fs)", resume.path,
+                 self.step, saved_world, self.world_size, resume.verify_seconds)
+        self.metrics.event("resumed", step=self.step, world_size=self.world_size, saved_world_size=saved_world,
+                           params_sha256=self._digest(), branched=resume.branched, skipped=resume.skipped,
+                           process_started=_process_start_time(), entered=self._entered_at,
+                           verify_seconds=round(resume.verify_seconds, 4), load_seconds=round(load_seconds, 4),
+                           **{"from": str(resume.path)})
+
+    def _continue_on_new_world(self, loaded: dict[str, Any], saved_world: int) -> None:
+        """Per-rank RNG streams and data positions cannot carry over: reseed (seed, step, rank), and
+        continue the data where `data.resume_position` can, else restart its epoch."""
+        import random
+
+        self._epoch = int(loaded.get("epoch") or 0)
+        position = loaded.get("position")
+        if self.data is not None and callable(getattr(self.data, "resume_position", None)) and position is not None:
+            self.data.resume_position(position, saved_world)
+            how = "the data continues at the same global position"
+        else:
+            how = f"the data starts epoch {self._epoch} again (data has no resume_position())"
+        stream = self.seed * 1_000_003 + self.step * 1009 + self.rank
+        random.seed(stream)
+        torch.manual_seed(stream)
+        try:
+            import numpy as np
+
+            np.random.seed(stream % 2**32)
+        except ImportError:
+            pass
+        log.warning("world size changed (%d -> %d): model, optimizer, schedule and step are exact; %s; "
+                    "RNG streams are reseeded", saved_world, self.world_size, how)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _snapshot(self) -> None:
+        """This rank's RNGs and data position at a step boundary: what any save of this step holds."""
+        data = self.data
+        position = data.global_position() if data is not None and callable(getattr(data, "global_position", None)) \
+            else None
+        rng = rng_state()
+        data_state = None
+        if data is not None:
+            data_state = data.state_dict()
+            # StatefulDataLoader.state_dict() creates the iterator if there is none yet, which draws
+            # from torch's global RNG: undone, as in batches(), so that saving never moves the stream.
+            torch.set_rng_state(rng["torch"])
+        self._boundary = {"rng": rng, "data": data_state, "epoch": self._epoch, "position": position}
+
+    @property
+    def stopping(self) -> bool:
+        """True once every rank agreed to stop (a signal, a time limit)."""
+        return self.stop is not None
+
+    def batches(self) -> Iterator[Any]:
+        """The data's items, resumed where the last run stopped, epoch after epoch; ends on an agreed
+        stop, at max_steps, or when an iterator given as `data` is exhausted."""
+        if self.data is None:
+            raise ConfigError("batches() needs data= (an iterable with state_dict/load_state_dict)")
+        self._require_entered("batches")
+        empty_epochs = 0
+        while not self.stopping and (self.max_steps is None or self.step < self.max_steps):
+            fresh = self._iter is None
+            if fresh:
+                if hasattr(self.data, "__next__"):
+                    self._iter = self.data
+                else:
+                    sampler = getattr(self.data, "sampler", None)
+                    if callable(getattr(sampler, "set_epoch", None)):
+                        sampler.set_epoch(self._epoch)
+            try:
+                if fresh and self._iter is None:
+                    # Starting an epoch draws from torch's global RNG (the loader's base seed, a
+                    # sampler's seed) unless the loader has a generator of its own; a resumed run
+                    # starts its iterator at another point of the stream than an uninterrupted
+                    # one, so the draw is undone: the training's random stream never sees it.
+                    cpu_rng = torch.get_rng_state()
+                    try:
+                        self._iter = iter(self.data)
+                        item = next(self._iter)
+                    finally:
+                        torch.set_rng_state(cpu_rng)
+                else:
+                    item = next(self._iter)
+            except StopIteration:
+                if self._iter is self.data:
+                    return
+                self._iter = None
+                self._epoch += 1
+                empty_epochs += 1
+                if empty_epochs > 1:
+                    raise ConfigError("data yields no batches: an epoch of it is empty") from None
+                continue
+            empty_epochs = 0
+            yield item
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # An async save's copy of the weights must be complete before the optimizer changes them.
+        self.checkpointer.wait_staged()
+        self._lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+
+    def step_done(self, loss: Any = None, **metrics: Any) -> bool:
+        """After each optimizer step, on every rank: counts the step, records the boundary, agrees
+        on a stop, saves every `interval` steps, logs `loss` (a tensor stays on the device until a
+        flush) and any other metrics. Returns True once the run is stopping."""
+        self._require_entered("step_done")
+        if self.stopping:
+            raise RuntimeError("step_done() after the run agreed to stop; leave the loop (batches() has ended)")
+        self.step += 1
+        self._snapshot()
+        if loss is not None or metrics or self._lr is not None:
+            self.metrics.step(self.step, loss, self._lr, **metrics)
+        self.deadline.step_done()
+        if self.handler is not None and self.deadline.expired(self.checkpointer.last_save_seconds):
+            self.handler.request_stop()  # the time limit is near: voted like a signal
+        faults.inject("step", self.step)
+        if self._check():
+            self.stop = agreed_stop(self.handler, self.step)
+            return True
+        if self.checkpointer.due(self.step):
+            self.last_checkpoint = self.checkpointer.save(self.step, self._dcp, wait=False)
+        self.checkpointer.poll()
+        return False
+
+    def should_stop(self) -> bool:
+        """The agreed stop check, usable between micro-batches and eval batches (every rank must call
+        it equally often). True: leave the loop; the checkpoint holds the last step boundary."""
+        self._require_entered("should_stop")
+        if not self.stopping and self._check_between():
+            self.stop = agreed_stop(self.handler, self.step)
+            self._mid_step = True
+        return self.stopping
+
+    def event(self, name: str, **fields: Any) -> None:
+        """One line in metrics.jsonl (rank 0): {"event": name, "step": ..., **fields}."""
+        self._require_entered("event")
+        self.metrics.event(name, step=self.step, **fields)
+
+    def save(self) -> Path:
+        """Save now and wait for the commit (collective: every rank calls it)."""
+        self._require_entered("save")
+        self.last_checkpoint = self.checkpointer.save(self.step, self._dcp)
+        return self.last_checkpoint
+
+    def _require_entered(self, what: str) -> None:
+        if not self._entered or self.metrics is None:
+            raise RuntimeError(f"Run.{what}() is used inside `with run:`")
+
+    def _digest(self, always: bool = False) -> Optional[str]:
+        if self.model is None or not (always or self.param_digests is True):
+            return None
+        sharded = any(hasattr(p, "full_tensor") for p in self.model.parameters())
+        return params_sha256(self.model) if self.rank == 0 or sharded else None
+
+    # -- leaving: the last save, the exit status ----------------------------------------------
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._entered or self.metrics is None:
+            return None
+        try:
+            if exc_type is None:
+                self._finish()
+            else:
+                log.error("the loop raised %s: no final save; the last committed checkpoint (%s) stays the "
+                          "one to resume from", exc_type.__name__, self.checkpointer.head or "none")
+                self.exit_code = 1
+        finally:
+            self._leave(clean=exc_type is None)
+        return None
+
+    def _finish(self) -> None:
+        cp = self.checkpointer
+        faults.inject("final_save", self.step)
+        if self.stop is None:
+            self.finished = True
+            self.last_checkpoint = cp.save(self.step, self._dcp)
+            self.metrics.event("done", step=self.step, params_sha256=self._digest(always=self.param_digests != False),
+                               checkpoint=str(self.last_checkpoint))
+            log.info("done at step %d", self.step)
+            if self.handler is not None and self.handler.received:
+                log.info("%s arrived after the last step: the run is complete and committed, nothing to stop",
+                         reason_name(self.handler.received[0][0]))
+            self.exit_code = 0
+            return
+        stop = self.stop
+        estimate = cp.last_save_seconds or self.deadline.save_guess
+        skipped = save_skip_reason(stop, self.grace_period, estimate)
+        self.last_checkpoint = None if skipped else cp.save(self.step, self._dcp)
+        self.metrics.event("preempted", step=self.step, signal=stop.reason, ranks=stop.ranks, mid_step=self._mid_step,
+                           params_sha256=self._digest(), checkpoint=str(self.last_checkpoint) if self.last_checkpoint
+                           else None, **({"save_skipped": skipped} if skipped else {}))
+        again = ("run the same command to resume" if cp.resume != "never"
+                 else "run it again with resume='auto' to resume")
+        if skipped:
+            log.warning("stopped at step %d on %s without saving: %s; the resume starts from %s (%s)",
+                        self.step, stop.reason, skipped, cp.head or "scratch", again)
+        else:
+            log.info("stopped at step %d on %s; checkpoint %s; %s", self.step, stop.reason, self.last_checkpoint,
+                     again)
+        self.exit_code = exit_status(stop, self.exit_code_on_stop)
+
+    def _leave(self, clean: bool) -> None:
+        self._iter = None  # the data iterator (and its worker processes) need not outlive the run
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self.handler is not None:
+            # The original handlers are back. A late TERM from torchrun (ending the other workers
+            # once one has exited) cannot come before every rank is inside exit(): its barrier
+            # follows ignoring late signals, so no worker exits before all of them ignore them.
+            self.handler.release()
+        try:
+            self.checkpointer.close()  # an async save in flight is committed (a valid checkpoint)
+        except CheckpointError:
+            if clean:
+                raise
+            log.exception("the save in flight failed too")
+        finally:
+            self.metrics.close()
+            if clean:
+                barrier()
+            let_gloo_workers_finish()  # gloo's threads finish their releases before any interpreter teardown
+            self._close_log()
+            self._release()
+        if clean and self.stop is not None and self.rank == 0 and want_requeue(self.requeue):
+            slurm.requeue()  # only now: the checkpoint is durable and every rank is past its last collective
+
+    def _close_log(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+    def _release(self) -> None:
+        for lease in reversed(self._leases):
+            lease.release()
+        self._leases = []
+
+    def exit(self, fast: bool = True) -> None:
+        """End the process with the run's exit status, on every rank (see `preemptible.exit_run`)."""
+        if self.exit_code is None:
+            raise RuntimeError("Run.exit() before the run ended: call it after the `with run:` block")
+        exit_run(self.exit_code, signals=tuple(getattr(self.handler, "signals", ())), fast=fast)
+

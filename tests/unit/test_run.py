@@ -1,0 +1,179 @@
+"""preemptible.Run in one process: its promises with real signals sent to this process.
+(Under torchrun with several ranks: tests/e2e/test_examples.py and the recipe's tests.)"""
+
+import os
+import signal
+import sys
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+import preemptible
+from preemptible import ConfigError, Run, params_sha256
+
+
+def parts(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    data = StatefulDataLoader(TensorDataset(torch.randn(40, 4), torch.randn(40, 1)), batch_size=4, shuffle=True)
+    return model, opt, sched, data
+
+
+def train(run_dir, steps=12, signal_at=None, eval_stop_at=None, sig=signal.SIGTERM, **kw):
+    """One run of a small loop; a real signal to this process after step `signal_at`; with
+    `eval_stop_at`, the signal arrives during an eval phase after that step."""
+    model, opt, sched, data = parts()
+    scaler_like = torch.amp.GradScaler("cpu")
+    run = Run(run_dir, model=model, optimizer=opt, scheduler=sched, data=data, state={"scaler": scaler_like},
+              values={"best": 1e9, "seen": []}, max_steps=steps, interval=kw.pop("interval", 5), **kw)
+    with run:
+        for x, y in run.batches():
+            if eval_stop_at is not None and run.step == eval_stop_at:
+                torch.rand(3)  # an eval that draws random numbers: a resume must not see them
+                os.kill(os.getpid(), sig)
+                if run.should_stop():
+                    break
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            run.values["best"] = min(run.values["best"], loss.item())
+            run.values["seen"].append(run.step + 1)
+            if signal_at is not None and run.step + 1 == signal_at:
+                os.kill(os.getpid(), sig)
+            run.step_done(loss=loss)
+    return run, params_sha256(model)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run, digest = train(tmp_path_factory.mktemp("ref") / "run", signals=None)
+    assert run.exit_code == 0 and run.step == 12
+    return digest, dict(run.values)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_a_signal_stops_saves_and_the_same_call_resumes_exactly(tmp_path, reference, sig, code):
+    run, _ = train(tmp_path / "run", signal_at=7, sig=sig)
+    assert (run.exit_code, run.step, run.stop.reason) == (code, 7, sig.name)
+    assert run.last_checkpoint.name == "step_00000007"
+    run, digest = train(tmp_path / "run")
+    assert run.resumed_from.name == "step_00000007" and run.exit_code == 0
+    assert digest == reference[0]
+    assert run.values == reference[1]  # plain values came back (and kept being updated)
+
+
+def test_a_stop_during_an_eval_saves_the_step_boundary_and_resumes_exactly(tmp_path, reference):
+    run, _ = train(tmp_path / "run", eval_stop_at=6)
+    assert run.stop is not None and run.step == 6 and run.exit_code == 143
+    run, digest = train(tmp_path / "run")
+    assert run.resumed_from.name == "step_00000006" and digest == reference[0]
+
+
+def test_no_signal_handling_when_asked(tmp_path):
+    run, _ = train(tmp_path / "run", steps=3, signals=None)
+    assert run.handler is None and run.exit_code == 0
+
+
+def test_an_exception_in_the_loop_saves_nothing_and_releases(tmp_path):
+    model, opt, sched, data = parts()
+    run = Run(tmp_path / "run", model=model, optimizer=opt, data=data, interval=2, max_steps=10)
+    with pytest.raises(ZeroDivisionError):
+        with run:
+            for _ in run.batches():
+                opt.step()
+                run.step_done()
+                if run.step == 3:
+                    1 / 0
+    assert run.exit_code == 1
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_00000002"]
+    assert not (tmp_path / "run" / "OWNER").exists()  # the lease is released
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path):
+    model, opt, _, _ = parts()
+    run = Run(tmp_path / "new" / "run", model=model, optimizer=opt, resume=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="resume="):
+        with run:
+            pass
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"interval": -1}, "interval=-1"),
+    ({"keep": 0}, "keep=0"),
+    ({"resume": ""}, "resume=''"),
+    ({"checkpoint_dir": ""}, "checkpoint_dir=''"),
+    ({"max_steps": -1}, "max_steps=-1"),
+    ({"stop_check": "vote"}, "stop_check='vote'"),
+    ({"grace_period": 0}, "grace_period=0"),
+    ({"exit_code_on_stop": 300}, "exit_code_on_stop=300"),
+    ({"log_every": 0}, "log_every=0"),
+    ({"max_time": -5}, "max_time=-5"),
+    ({"requeue": "maybe"}, "requeue='maybe'"),
+    ({"lease_wait": -1}, "lease_wait=-1"),
+    ({"stale_after": 0}, "stale_after=0"),
+    ({"signals": "SIGNOPE"}, "signals='SIGNOPE'"),
+    ({"signals": "SIGKILL"}, "SIGKILL cannot be caught"),
+    ({"state": {"ema": 3}}, "state['ema']=int"),
+    ({"state": {"model_optim": torch.nn.Linear(1, 1)}}, "state key 'model_optim'"),
+    ({"values": [1]}, "values=[1]"),
+    ({"data": 5}, "data=int"),
+    ({"scheduler": object()}, "scheduler=object"),
+    ({"param_digests": "sometimes"}, "param_digests='sometimes'"),
+    ({"max_time": 10, "signals": None}, "need signal handling"),
+])
+def test_bad_arguments_name_the_argument_and_write_nothing(tmp_path, kwargs, words):
+    with pytest.raises(ConfigError) as e:
+        Run(tmp_path / "run", model=torch.nn.Linear(1, 1), **kwargs)
+    assert words in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_optimizer_without_model_and_bad_dir_are_refused():
+    with pytest.raises(ConfigError, match="optimizer= needs model="):
+        Run("x", optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1))
+    with pytest.raises(ConfigError, match="dir=None"):
+        Run(None)
+
+
+def test_methods_outside_the_block_say_so(tmp_path):
+    run = Run(tmp_path / "run", model=torch.nn.Linear(1, 1))
+    with pytest.raises(RuntimeError, match="inside `with run:`"):
+        run.step_done()
+    with pytest.raises(RuntimeError, match="after the `with run:` block"):
+        run.exit()
+
+
+def test_automodel_names_work_unchanged():
+    """NeMo Automodel's step scheduler imports SignalLike and resolve_signal and reads `sigs`."""
+    from preemptible.signal_handler import DistributedSignalHandler, SignalLike, resolve_signal
+
+    assert SignalLike.__args__ == (int, str, signal.Signals)
+    assert resolve_signal("usr2") is resolve_signal("SIGUSR2") is resolve_signal(12) is signal.SIGUSR2
+    assert resolve_signal(signal.SIGTERM) is signal.SIGTERM and resolve_signal(" sigint ") is signal.SIGINT
+    with pytest.raises(ValueError):
+        resolve_signal("SIGNOPE")
+    with pytest.raises(ValueError):
+        resolve_signal(99999)
+    with pytest.raises(TypeError):
+        resolve_signal(1.5)
+    handler = DistributedSignalHandler([signal.SIGUSR2, "term"])
+    assert handler.sigs == [signal.SIGUSR2, signal.SIGTERM] and handler.sig is signal.SIGUSR2
+
+
+def test_public_names_are_documented():
+    readme = (os.path.dirname(__file__) + "/../../README.md")
+    text = open(readme).read()
+    missing = [name for name in preemptible.__all__ if f"`{name}" not in text and f"{name}(" not in text]
+    assert not missing, f"README does not document {missing}"
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
