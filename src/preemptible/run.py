@@ -200,10 +200,10 @@ class Run:
             raise ConfigError(f"log_file={log_file!r}; expected a file name (it is written inside dir)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed={seed!r}; expected an int")
-        for name, value in (("lease_wait", lease_wait), ("stale_after", stale_after)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                    name == "stale_after" and value == 0):
-                raise ConfigError(f"{name}={value!r}; expected seconds >= 0" + (" (> 0)" if name == "stale_after" else ""))
+        try:
+            RunLease(self.dir, wait=lease_wait, stale_after=stale_after)  # its own checks, now (touches nothing)
+        except ConfigError as e:
+            raise renamed(e, {"wait": "lease_wait"}) from None
         want_requeue(requeue)  # validated now, not at the stop
         if checkpointer is None:
             try:
@@ -243,7 +243,6 @@ class Run:
         self.world_size = dist.get_world_size() if is_distributed() else 1
         self.step = 0
         self.stop: Optional[Stop] = None    # the agreed stop, once there is one
-        self.finished = False               # left the loop without a stop (max_steps, data ended, or the user)
         self.exit_code: Optional[int] = None
         self.last_checkpoint: Optional[Path] = None
         self.resumed_from: Optional[Path] = None
@@ -567,7 +566,6 @@ class Run:
         cp = self.checkpointer
         faults.inject("final_save", self.step)
         if self.stop is None:
-            self.finished = True
             self.last_checkpoint = cp.save(self.step, self._dcp)
             self.metrics.event("done", step=self.step, params_sha256=self._digest(always=self.param_digests != False),
                                checkpoint=str(self.last_checkpoint))
