@@ -21,7 +21,6 @@ A bare `python -c "import torch"` is timed in the same run, for scale: this mach
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -31,22 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from preemptible.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=64", "model.block_size=64", "data.batch_size=8",
          "data.max_bytes=1000000", "trainer.log_every=10", "trainer.param_digests=false"]
 
 
 def rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 EXTRA: list[str] = []  # --override

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from preemptible.metrics import read_metrics
+
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +46,7 @@ def command(run_dir: Path, world: int, steps: int, extra: list[str]) -> list[str
 
 
 def rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def _rank_main(rank: int, world: int, port: int, rounds: int, per_block: int, out: str) -> None:

@@ -53,10 +53,10 @@ def head(run_dir):
 
 
 def rows(run_dir):
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """metrics.jsonl's rows; safe while the run writes (a line without its newline yet is left out)."""
+    from preemptible.metrics import read_metrics
+
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
 
 
 def losses(run_dir):

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from preemptible.checkpoint import COMMIT, LATEST, Checkpointer, in_line, read_marker, step_of, why_invalid
+from preemptible.metrics import read_metrics
 from preemptible.errors import ConfigError
 
 MODEL_PREFIX = "model_optim.model."
@@ -125,16 +126,7 @@ def status(run_dir: Any, verify: bool = False) -> dict[str, Any]:
         row["head"] = bool(head and head.get("checkpoint") == path.name)
         rows.append(row)
     abandoned = sorted(p.name for p in (root / "abandoned").glob("*/*")) if (root / "abandoned").is_dir() else []
-    events = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for text in metrics.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(text)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and "event" in row:
-                events.append(row)
+    events = [row for row in read_metrics(run_dir / "metrics.jsonl") if "event" in row]
     owner = None
     if (run_dir / "OWNER").is_file():
         try:

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -27,6 +27,7 @@ class Metrics:
         self.enabled, self.log_every, self.max_steps = enabled, log_every, max_steps
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._pending: list[tuple[int, Any, Optional[float], float, dict]] = []
+        self._checked_tail = False
         self._bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -76,16 +77,74 @@ class Metrics:
             self._append([{"event": name, **fields, "time": time.time()}])
 
     def _append(self, rows: list[dict]) -> None:
-        with open(self.path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        # One write() per flush, so a reader never sees half a flush's rows. A reader may still see
+        # the tail of a write in progress (a line without its newline yet): read_metrics skips it.
+        data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if not self._checked_tail:
+                # A process killed mid-write can leave a torn last line: end it, so our first row
+                # starts a line of its own instead of gluing onto the torn one.
+                self._checked_tail = True
+                if _ends_torn(self.path):
+                    data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self.flush()
         if self._bar is not None:
             self._bar.close()
+
+
+def _ends_torn(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
+def read_metrics(path: Union[str, "os.PathLike[str]"], strict: bool = False) -> list[dict]:
+    """The rows of a metrics.jsonl (or of `<path>/metrics.jsonl` when `path` is a run directory).
+
+    Safe while the run is writing: a last line without its newline is a write in progress and is
+    left out. A complete line that is not a JSON object (a torn write from a killed process) is
+    skipped, or with `strict=True` raises ValueError naming the file and line. A missing file
+    gives []. After a crash a step can appear twice: the later row is the one that counts.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    lines = data.split(b"\n")
+    lines.pop()  # after the last newline: "" or a line still being written
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            if strict:
+                raise ValueError(f"{path}: line {number} is not a JSON object: {line[:80]!r}")
+            continue
+        out.append(row)
+    return out
 
 
 def _plain(value: Any) -> Any:

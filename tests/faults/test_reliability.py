@@ -23,6 +23,7 @@ from recipe_helpers import (REPO, run_many, events, interrupt_at, losses, run, s
                             worker_pids_by_rank)
 from preemptible import storage
 from preemptible.checkpoint import COMMIT, why_invalid
+from preemptible.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 STEPS = REFERENCE_STEPS  # `reference[nproc]` (conftest.py): uninterrupted, checkpoints every 10, all kept
@@ -123,8 +124,7 @@ def test_a_second_run_on_the_directory_fails_naming_the_owner_and_touches_nothin
     os.kill(first.pid, signal.SIGTERM)
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 143, out
-    steps = [r["step"] for r in (json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines())
-             if "event" not in r]
+    steps = [r["step"] for r in read_metrics(tmp_path, strict=True) if "event" not in r]
     assert steps == list(range(1, steps[-1] + 1))  # one run's metrics, never interleaved
     assert not events(tmp_path, "resumed")
     stop = events(tmp_path, "preempted")[-1]
@@ -244,8 +244,7 @@ def test_a_changed_configuration_at_resume_is_refused_or_applied_and_said(tmp_pa
     code, out = run(run_dir, f"trainer.max_steps={STEPS + 5}", "optim.lr=0.0005")
     assert code == 0, out
     assert "optim.lr: 0.001 -> 0.0005" in out and f"trainer.max_steps: {STEPS} -> {STEPS + 5}" in out
-    lrs = {r["step"]: r["lr"] for r in (json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines())
-           if "event" not in r}
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run_dir, strict=True) if "event" not in r}
     assert lrs[STEPS + 1] < 0.0005 + 1e-12  # the new base LR applies from the first resumed step
 
 
