@@ -4,9 +4,11 @@
     torchrun --nproc_per_node=2 recipes/finetune.py run_name=x  # DDP, one shared run directory
     python recipes/finetune.py signal_handler.sig=SIGUSR2       # choose the stop signal
     python recipes/finetune.py signal_handler=none              # no signal handling
+    python recipes/finetune.py notices.cloud=aws                # also stop on an EC2 spot notice
 
 On a signal at any rank (TERM, INT, HUP by default) every rank stops at the same step, writes one
 committed checkpoint and exits 128+signum; the same command again resumes from it, bit-identically.
+A notice (`touch <run_dir>/STOP`, a cloud's spot notice) stops it the same way, exit status 75.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def train(cfg: DictConfig) -> Run:
     trainer, scheduler = cfg.trainer, cfg.scheduler
     run = Run(cfg.run_dir, model=model, optimizer=optimizer, scheduler=schedule, data=batches,
               max_steps=trainer.max_steps, checkpointer=build(cfg, "checkpoint"),
-              handler=build(cfg, "signal_handler"), stop_check=trainer.stop_check, max_time=trainer.max_time,
+              handler=build(cfg, "signal_handler"), notices=build(cfg, "notices"), stop_check=trainer.stop_check, max_time=trainer.max_time,
               slurm_time_limit=scheduler.time_limit, grace_period=scheduler.grace_period,
               save_guess=scheduler.save_guess, margin=scheduler.margin, requeue=scheduler.requeue,
               exit_code_on_stop=trainer.exit_code_on_stop, log_every=trainer.log_every, log_file="finetune.log",

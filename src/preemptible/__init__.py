@@ -18,6 +18,8 @@ _WHERE = {
     "DistEnv": "preemptible.distributed",
     "DistributedSignalHandler": "preemptible.signal_handler",
     "GatherFuture": "preemptible.signal_handler",
+    "Notice": "preemptible.notices",
+    "Notices": "preemptible.notices",
     "Run": "preemptible.run",
     "SignalLike": "preemptible.signal_handler",
     "UnsafeCheckpointError": "preemptible.errors",

@@ -37,10 +37,11 @@ from preemptible.checkpoint import Checkpointer
 from preemptible.distributed import barrier, broadcast_object, exit_run, is_distributed, let_gloo_workers_finish
 from preemptible.errors import CheckpointError, ConfigError
 from preemptible.metrics import Metrics
+from preemptible.notices import Notices
 from preemptible.ownership import RunLease
 from preemptible.preemption import Stop, agreed_stop, end_time, exit_status, save_skip_reason, want_requeue
 from preemptible.state import ModelOptimState, from_blob, params_sha256, rng_state, set_rng_state, to_blob
-from preemptible.stop import Deadline, reason_name
+from preemptible.stop import NOTICE, Deadline, reason_name
 
 log = logging.getLogger("preemptible.run")
 
@@ -134,11 +135,15 @@ class Run:
     max_time:     seconds from the start after which the run stops with a checkpoint; with
     slurm_time_limit (default True) the SLURM job's end time counts too.
     grace_period: seconds from the first signal to SIGKILL; a stop's save that would not fit is skipped.
+    notices:      preemption notices that are not signals (`preemptible.Notices`: a cloud's spot notice,
+                  a stop file), voted like a signal; default Notices(): `touch <dir>/STOP` stops the run.
+                  None: off. A notice's deadline, when it names one, decides whether the save still fits.
     save_guess, margin: seconds a save is assumed to take until measured, and kept in hand, for
                   the time limits.
     requeue:      'auto' (under SLURM, when the job allows it), True or False: rank 0 requeues the
                   job after a stop's checkpoint is committed.
-    exit_code_on_stop: the exit status after a stop (None: 128 + signal number, 124 for a time limit).
+    exit_code_on_stop: the exit status after a stop (None: 128 + signal number, 124 for a time limit,
+                  75 for a notice).
     log_every:    losses are read from the device and printed every N steps.
     log_file:     a file name in `dir` that gets this process's log records while the run owns it.
     lease_wait, stale_after: a second run on the directory waits this long for the owner, and an
@@ -157,6 +162,7 @@ class Run:
                  checkpointer: Optional[Checkpointer] = None, signals: Any = DEFAULT_SIGNALS, handler: Any = _UNSET,
                  check_every: Any = "auto", max_latency: float = 1.0, stop_check: str = "reduce",
                  max_time: Optional[float] = None, slurm_time_limit: bool = True, grace_period: Optional[float] = None,
+                 notices: Any = _UNSET,
                  save_guess: float = 30.0, margin: float = 5.0, requeue: Any = "auto",
                  exit_code_on_stop: Optional[int] = None, log_every: int = 10, log_file: Optional[str] = None,
                  lease_wait: float = 120.0, stale_after: float = 30.0, param_digests: Any = "done",
@@ -222,6 +228,16 @@ class Run:
                                                        max_latency=max_latency)
                 except ValueError as e:
                     raise ConfigError(f"signals={signals!r}: {e}") from None
+        if notices is _UNSET:
+            notices = Notices() if handler is not None else None
+        elif notices is not None and not isinstance(notices, Notices):
+            raise ConfigError(f"notices={notices!r}; expected a preemptible.Notices or None")
+        elif notices is not None and handler is None:
+            if notices.cloud or notices.extra:
+                raise ConfigError(f"notices={notices!r} need signal handling to agree on the stop step; pass "
+                                  "signals= (not None), or notices=None")
+            notices = None  # only the stop file: off with the rest of the stop handling
+        self.notices: Optional[Notices] = notices
         self.deadline = Deadline(end_time(max_time, slurm_time_limit), save_guess, margin)
         if self.deadline.end is not None and handler is None:
             raise ConfigError("max_time and SLURM time limits need signal handling to agree on the stop step; "
@@ -285,6 +301,8 @@ class Run:
             self._check = self._stop_check()
             if self.handler is not None:
                 self.handler.__enter__()  # from here a signal is recorded, during the resume too
+                if self.notices is not None and self._polls_notices():
+                    self.notices.start(self.dir, lambda notice: self.handler.request_stop(NOTICE))
             else:
                 from preemptible import early
 
@@ -318,6 +336,8 @@ class Run:
                 except ConfigError as e:
                     error = ConfigError(f"checkpoint_dir={str(d)!r}: {e}") if i else e
                     break
+            if error is None and self.notices is not None:
+                self.notices.clear_stop_file(self.dir)  # before any node polls for it
         error = broadcast_object(error)
         if error is not None:
             raise error
@@ -328,9 +348,19 @@ class Run:
             self._log_handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
             root.addHandler(self._log_handler)
 
+    @staticmethod
+    def _polls_notices() -> bool:
+        """One poller per node: local rank 0 (a notice is about this machine; the vote tells the rest)."""
+        try:
+            return int(os.environ.get("LOCAL_RANK", "0")) == 0
+        except ValueError:
+            return True
+
     def _abandon_start(self) -> None:
         """A start that failed: undo what __enter__ did; a directory it created (still holding only
         its own files) is removed, so a mistyped argument leaves nothing behind."""
+        if self.notices is not None:
+            self.notices.stop()
         if self.handler is not None and getattr(self.handler, "_installed", False):
             self.handler.release()
         self._close_log()
@@ -509,7 +539,7 @@ class Run:
             self.handler.request_stop()  # the time limit is near: voted like a signal
         faults.inject("step", self.step)
         if self._check():
-            self.stop = agreed_stop(self.handler, self.step)
+            self.stop = agreed_stop(self.handler, self.step, self.notices)
             return True
         if self.checkpointer.due(self.step):
             self.last_checkpoint = self.checkpointer.save(self.step, self._dcp, wait=False)
@@ -521,7 +551,7 @@ class Run:
         it equally often). True: leave the loop; the checkpoint holds the last step boundary."""
         self._require_entered("should_stop")
         if not self.stopping and self._check_between():
-            self.stop = agreed_stop(self.handler, self.step)
+            self.stop = agreed_stop(self.handler, self.step, self.notices)
             self._mid_step = True
         return self.stopping
 
@@ -579,9 +609,13 @@ class Run:
         estimate = cp.last_save_seconds or self.deadline.save_guess
         skipped = save_skip_reason(stop, self.grace_period, estimate)
         self.last_checkpoint = None if skipped else cp.save(self.step, self._dcp)
+        extra: dict[str, Any] = {"save_skipped": skipped} if skipped else {}
+        if stop.notices:
+            extra["notices"] = stop.notices
+            extra["seconds_since_notice"] = round(time.time() - min(n["seen"] for n in stop.notices.values()), 3)
         self.metrics.event("preempted", step=self.step, signal=stop.reason, ranks=stop.ranks, mid_step=self._mid_step,
                            params_sha256=self._digest(), checkpoint=str(self.last_checkpoint) if self.last_checkpoint
-                           else None, **({"save_skipped": skipped} if skipped else {}))
+                           else None, **extra)
         again = ("run the same command to resume" if cp.resume != "never"
                  else "run it again with resume='auto' to resume")
         if skipped:
@@ -594,6 +628,8 @@ class Run:
 
     def _leave(self, clean: bool) -> None:
         self._iter = None  # the data iterator (and its worker processes) need not outlive the run
+        if self.notices is not None:
+            self.notices.stop()
         for h in self._hooks:
             h.remove()
         self._hooks = []

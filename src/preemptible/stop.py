@@ -15,14 +15,20 @@ import torch
 import torch.distributed as dist
 
 
-# A stop requested by the run itself (time limit), voted like a signal; no signal has this number.
-DEADLINE = 200
+# Stops requested by the run itself, voted like a signal; no signal has these numbers. Several at
+# once: the MAX wins (a notice over a time limit over a signal).
+DEADLINE = 200  # a time limit (trainer.max_time, SLURM's end time) is near
+NOTICE = 201    # a preemption notice: a cloud's spot notice, a stop file (preemptible.notices)
 
 
 def reason_name(code: int) -> str:
     import signal
 
-    return "time limit" if code == DEADLINE else signal.Signals(code).name
+    if code == DEADLINE:
+        return "time limit"
+    if code == NOTICE:
+        return "notice"
+    return signal.Signals(code).name
 
 
 class StepClock:

@@ -23,7 +23,8 @@ def _compose(*overrides):
 
 
 def test_every_group_option_is_covered():
-    assert {g for g, _ in OPTIONS} == {"model", "data", "optim", "lr_schedule", "signal_handler", "checkpoint", "trainer"}
+    assert {g for g, _ in OPTIONS} == {"model", "data", "optim", "lr_schedule", "signal_handler", "checkpoint", "trainer",
+                                            "notices"}
 
 
 @pytest.mark.parametrize("group, option", OPTIONS)
@@ -45,6 +46,23 @@ def test_compose_and_instantiate(group, option, monkeypatch):
         assert isinstance(obj, DistributedSignalHandler) and obj.local_rank == 3
         with obj:  # installs and releases for real, group built lazily (no dist here)
             assert obj.should_stop() is False
+    if group == "notices":
+        from preemptible import Notices
+
+        assert isinstance(obj, Notices) and obj.cloud is None and obj.stop_file == "STOP"
+
+
+def test_notices_from_the_command_line():
+    """The issue's names: notices.cloud / endpoint / poll_seconds / stop_file; notices=none turns it off."""
+    cfg = _compose("notices.cloud=aws", "notices.endpoint=http://127.0.0.1:8080", "notices.poll_seconds=0.5",
+                   "notices.stop_file=null")
+    n = build(cfg, "notices")
+    assert (n.cloud, n.endpoint, n.poll_seconds, n.stop_file) == ("aws", "http://127.0.0.1:8080", 0.5, None)
+    assert build(_compose("notices=none"), "notices") is None
+    from preemptible import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^notices\.cloud='gce'; expected null \(off\), auto, aws, gcp or azure"):
+        build(_compose("notices.cloud=gce"), "notices")
 
 
 def test_signal_handler_overrides_from_the_command_line():

@@ -4,6 +4,8 @@
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import preemptible
-from preemptible import ConfigError, Run, params_sha256
+from preemptible import ConfigError, Notices, Run, params_sha256
 
 
 def parts(seed=0):
@@ -23,7 +25,7 @@ def parts(seed=0):
     return model, opt, sched, data
 
 
-def train(run_dir, steps=12, signal_at=None, eval_stop_at=None, sig=signal.SIGTERM, **kw):
+def train(run_dir, steps=12, signal_at=None, eval_stop_at=None, sig=signal.SIGTERM, stop_file_at=None, **kw):
     """One run of a small loop; a real signal to this process after step `signal_at`; with
     `eval_stop_at`, the signal arrives during an eval phase after that step."""
     model, opt, sched, data = parts()
@@ -46,6 +48,10 @@ def train(run_dir, steps=12, signal_at=None, eval_stop_at=None, sig=signal.SIGTE
             run.values["seen"].append(run.step + 1)
             if signal_at is not None and run.step + 1 == signal_at:
                 os.kill(os.getpid(), sig)
+            if stop_file_at is not None and run.step + 1 == stop_file_at:
+                (Path(run_dir) / "STOP").touch()
+                while run.notices.notice is None:  # the poller's thread sees it within poll_seconds
+                    time.sleep(0.005)
             run.step_done(loss=loss)
     return run, params_sha256(model)
 
@@ -73,6 +79,26 @@ def test_a_stop_during_an_eval_saves_the_step_boundary_and_resumes_exactly(tmp_p
     assert run.stop is not None and run.step == 6 and run.exit_code == 143
     run, digest = train(tmp_path / "run")
     assert run.resumed_from.name == "step_00000006" and digest == reference[0]
+
+
+def test_a_stop_file_stops_like_a_signal_and_is_cleared_at_the_resume(tmp_path, reference):
+    from preemptible import Notices
+
+    run, _ = train(tmp_path / "run", stop_file_at=7, notices=Notices(poll_seconds=0.01))
+    assert (run.exit_code, run.step, run.stop.reason) == (75, 7, "notice (stop_file)")
+    assert run.last_checkpoint.name == "step_00000007" and (tmp_path / "run" / "STOP").exists()
+    run, digest = train(tmp_path / "run", notices=Notices(poll_seconds=0.01))
+    assert run.resumed_from.name == "step_00000007" and run.exit_code == 0 and digest == reference[0]
+    assert not (tmp_path / "run" / "STOP").exists()
+
+
+def test_notices_default_on_and_off(tmp_path):
+    from preemptible import Notices
+
+    model = torch.nn.Linear(1, 1)
+    assert isinstance(Run(tmp_path / "a", model=model).notices, Notices)  # the stop file, by default
+    assert Run(tmp_path / "b", model=model, notices=None).notices is None
+    assert Run(tmp_path / "c", model=model, signals=None).notices is None  # nothing could agree on it
 
 
 def test_no_signal_handling_when_asked(tmp_path):
@@ -128,6 +154,8 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path):
     ({"scheduler": object()}, "scheduler=object"),
     ({"param_digests": "sometimes"}, "param_digests='sometimes'"),
     ({"max_time": 10, "signals": None}, "need signal handling"),
+    ({"notices": "aws"}, "notices='aws'; expected a preemptible.Notices or None"),
+    ({"notices": Notices(cloud="aws"), "signals": None}, "need signal handling to agree on the stop step"),
 ])
 def test_bad_arguments_name_the_argument_and_write_nothing(tmp_path, kwargs, words):
     with pytest.raises(ConfigError) as e:

@@ -1,0 +1,123 @@
+"""What polling for notices costs the training step, and how fast a notice becomes a checkpoint.
+
+    python benchmarks/notices.py [--rounds 30] [--steps-per-block 20] [--poll 0.05] [--nproc 1 2]
+
+Cost: the reference recipe's model, data and AdamW step in this process, alternating block by
+block between no notices and a running `Notices` poller (an AWS IMDSv2 service on 127.0.0.1 and
+the stop file, polled every --poll seconds: 100x more often than the default 5 s, so any cost
+shows). Alternating inside one run cancels this shared machine's drift. Printed: median block
+time each way and the throughput ratio (target: no measurable cost, ratio >= 0.99).
+
+Notice to checkpoint: the recipe under torchrun (--nproc ranks), an AWS notice issued at a random
+step; printed: issued -> seen by the poller (<= poll_seconds), seen -> every rank agreed and the
+stop's checkpoint committed (the `preempted` event's `seconds_since_notice`), and the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from metadata_servers import MetadataServer  # noqa: E402
+
+from preemptible import Notices  # noqa: E402
+from preemptible.metrics import read_metrics  # noqa: E402
+
+MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=64", "model.block_size=64", "data.batch_size=8",
+         "data.max_bytes=1000000", "checkpoint.interval=0", "trainer.log_every=10", "trainer.param_digests=false"]
+
+
+def step_cost(rounds: int, per_block: int, poll: float) -> None:
+    from preemptible.recipe.model import GPT
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = GPT(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_embd=64, dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (8, 64))
+
+    def block() -> float:
+        t = time.perf_counter()
+        for _ in range(per_block):
+            loss = model(x, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - t
+
+    times: dict[str, list[float]] = {"off": [], "polling": []}
+    with MetadataServer("aws") as server, tempfile.TemporaryDirectory() as run_dir:
+        block()  # warm up
+        for r in range(rounds):
+            for kind in (("off", "polling") if r % 2 else ("polling", "off")):
+                notices = None
+                if kind == "polling":
+                    notices = Notices(cloud="aws", endpoint=server.url, poll_seconds=poll)
+                    notices.start(run_dir, lambda n: None)
+                times[kind].append(block())
+                if notices is not None:
+                    notices.stop()
+        polls = sum(1 for r in server.requests if r[1].endswith("instance-action"))
+    off, on = statistics.median(times["off"]), statistics.median(times["polling"])
+    print(f"step cost: {rounds} rounds x {per_block} steps each way; {polls} polls answered "
+          f"(every {poll:g}s while polling)")
+    print(f"  median block: no notices {off * 1000:.1f} ms, polling {on * 1000:.1f} ms; "
+          f"throughput ratio polling/none = {off / on:.3f}")
+
+
+def notice_to_checkpoint(nproc: int, runs: int, poll: float) -> None:
+    rows = []
+    for i in range(runs):
+        with MetadataServer("aws") as server, tempfile.TemporaryDirectory() as run_dir:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   str(REPO / "recipes" / "finetune.py"), f"run_dir={run_dir}", "trainer.max_steps=100000",
+                   "notices.cloud=aws", f"notices.endpoint={server.url}", f"notices.poll_seconds={poll}", *MODEL]
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+            target = random.Random(i).randint(20, 60)
+            while not [r for r in read_metrics(run_dir) if r.get("step", 0) >= target and "event" not in r]:
+                if proc.poll() is not None:
+                    raise SystemExit(f"the run exited ({proc.returncode}) before step {target}")
+                time.sleep(0.05)
+            server.notify()
+            proc.wait(timeout=300)
+            stop = [r for r in read_metrics(run_dir) if r.get("event") == "preempted"][0]
+            notice = stop["notices"]["0"]
+            seen = notice["seen"] - server.noticed_at
+            rows.append((seen, stop["seconds_since_notice"], proc.returncode))
+    print(f"notice to checkpoint: {nproc} rank(s) under torchrun, poll every {poll:g}s, {runs} runs")
+    for seen, commit, code in rows:
+        print(f"  issued->seen {seen:5.2f}s  seen->committed {commit:5.2f}s  total {seen + commit:5.2f}s  "
+              f"(torchrun exit {code})")
+    print(f"  median: issued->seen {statistics.median(r[0] for r in rows):.2f}s, seen->committed "
+          f"{statistics.median(r[1] for r in rows):.2f}s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--steps-per-block", type=int, default=20)
+    ap.add_argument("--poll", type=float, default=0.05, help="poll interval for the cost measurement")
+    ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--runs", type=int, default=3, help="notice-to-checkpoint runs per world size")
+    ap.add_argument("--run-poll", type=float, default=1.0, help="poll interval of the recipe runs")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
+    step_cost(args.rounds, args.steps_per_block, args.poll)
+    for n in args.nproc:
+        notice_to_checkpoint(n, args.runs, args.run_poll)
+
+
+if __name__ == "__main__":
+    main()

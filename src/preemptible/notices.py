@@ -1,0 +1,369 @@
+"""Preemption notices that are not signals: a cloud's spot/preemptible notice and a stop file.
+
+A notice says "stop soon (by time T, if known)". `Notices` polls its sources from one background
+thread per node (never from the training step); the first notice makes this rank vote to stop,
+exactly like a signal (`DistributedSignalHandler.request_stop`), so every rank stops at the same
+step with one committed checkpoint.
+
+Sources (each usable on its own: `poll()` returns a `Notice` or None, raises OSError when the
+endpoint cannot be reached):
+  AwsSpot       EC2 instance metadata, IMDSv2: PUT a token, GET `spot/instance-action` with it
+                (404 until AWS schedules the interruption, then {"action", "time"}: 2 minutes ahead).
+  GcpPreempted  GCE metadata `instance/preempted` with `Metadata-Flavor: Google`: TRUE once the
+                VM is being preempted (about 30 s before it is stopped).
+  AzureScheduledEvents  Azure IMDS Scheduled Events with `Metadata: true`: a `Preempt` event for
+                this VM, with `NotBefore` (at least 30 s ahead).
+  StopFile      a file appearing (`touch <run dir>/STOP`): no deadline.
+Any object with `name` and `poll()` works as a source too (`Notices(sources=[...])`).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Optional, Sequence
+
+from preemptible.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CLOUDS = ("aws", "gcp", "azure")
+# Where each provider serves its metadata when no endpoint is given.
+DEFAULT_ENDPOINTS = {"aws": "http://169.254.169.254", "gcp": "http://metadata.google.internal",
+                     "azure": "http://169.254.169.254"}
+GCP_LEAD_SECONDS = 30.0  # GCP documents 30 s from the preemption notice to the hard stop
+
+
+@dataclass
+class Notice:
+    """A source said: stop soon. `deadline`: Unix time the machine goes away, None if not said."""
+    source: str
+    seen: float = field(default_factory=time.time)
+    deadline: Optional[float] = None
+    detail: str = ""
+
+    @property
+    def lead_seconds(self) -> Optional[float]:
+        """How much warning the source gave: deadline - seen (None: it named no deadline)."""
+        return None if self.deadline is None else round(self.deadline - self.seen, 3)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "seen": round(self.seen, 3), "deadline": self.deadline,
+                "lead_seconds": self.lead_seconds, "detail": self.detail}
+
+
+def _request(url: str, timeout: float, method: str = "GET", headers: Optional[dict[str, str]] = None) -> tuple[int, bytes, Any]:
+    """(status, body, headers) of one HTTP request; an HTTP error status is returned, not raised.
+    Connection failures and timeouts raise OSError. No proxy: metadata endpoints are link-local."""
+    req = urllib.request.Request(url, method=method, headers=headers or {}, data=b"" if method == "PUT" else None)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return resp.status, resp.read(), resp.headers
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.read(), e.headers
+    except urllib.error.URLError as e:
+        raise OSError(str(e.reason)) from None
+
+
+class _Http:
+    name = "cloud"
+
+    def __init__(self, endpoint: Optional[str] = None, timeout: float = 2.0):
+        endpoint = endpoint or DEFAULT_ENDPOINTS[self.name]
+        _check_endpoint(endpoint)
+        _check_seconds("timeout", timeout)
+        self.endpoint, self.timeout = endpoint.rstrip("/"), float(timeout)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.endpoint!r})"
+
+
+class AwsSpot(_Http):
+    """EC2 spot interruption notice through IMDSv2 (token renewed before it expires, and on a 401)."""
+    name = "aws"
+    TOKEN_TTL = 21600  # seconds, the most IMDSv2 grants
+
+    def __init__(self, endpoint: Optional[str] = None, timeout: float = 2.0):
+        super().__init__(endpoint, timeout)
+        self._token: Optional[str] = None
+        self._token_until = 0.0
+
+    def _new_token(self) -> str:
+        status, body, _ = _request(f"{self.endpoint}/latest/api/token", self.timeout, "PUT",
+                                   {"X-aws-ec2-metadata-token-ttl-seconds": str(self.TOKEN_TTL)})
+        if status != 200:
+            raise OSError(f"IMDSv2 token request answered HTTP {status}")
+        self._token, self._token_until = body.decode().strip(), time.time() + self.TOKEN_TTL - 60
+        return self._token
+
+    def probe(self) -> bool:
+        return self._new_token() != ""
+
+    def poll(self) -> Optional[Notice]:
+        for attempt in (0, 1):
+            token = self._token if self._token and time.time() < self._token_until else self._new_token()
+            status, body, _ = _request(f"{self.endpoint}/latest/meta-data/spot/instance-action", self.timeout,
+                                       headers={"X-aws-ec2-metadata-token": token})
+            if status == 401 and attempt == 0:
+                self._token = None  # expired or revoked: one new token, one retry
+                continue
+            break
+        if status == 404:
+            return None
+        if status != 200:
+            raise OSError(f"spot/instance-action answered HTTP {status}")
+        try:
+            doc = json.loads(body)
+            action, when = doc["action"], _iso_time(doc["time"])
+        except (ValueError, KeyError, TypeError):
+            raise OSError(f"spot/instance-action answered an unexpected document: {body[:200]!r}") from None
+        return Notice("aws", deadline=when, detail=f"spot instance-action {action} at {doc['time']}")
+
+
+class GcpPreempted(_Http):
+    """GCE `instance/preempted`: TRUE once preemption began; the VM stops about 30 s later."""
+    name = "gcp"
+    HEADERS = {"Metadata-Flavor": "Google"}
+
+    def probe(self) -> bool:
+        status, _, headers = _request(f"{self.endpoint}/computeMetadata/v1/", self.timeout, headers=self.HEADERS)
+        return status == 200 and headers.get("Metadata-Flavor") == "Google"
+
+    def poll(self) -> Optional[Notice]:
+        status, body, _ = _request(f"{self.endpoint}/computeMetadata/v1/instance/preempted", self.timeout,
+                                   headers=self.HEADERS)
+        if status != 200:
+            raise OSError(f"instance/preempted answered HTTP {status}")
+        value = body.decode(errors="replace").strip().upper()
+        if value != "TRUE":
+            return None
+        now = time.time()
+        return Notice("gcp", seen=now, deadline=now + GCP_LEAD_SECONDS, detail="instance/preempted TRUE")
+
+
+class AzureScheduledEvents(_Http):
+    """Azure Scheduled Events: a `Preempt` event naming this VM (or any VM if its name is unknown)."""
+    name = "azure"
+    HEADERS = {"Metadata": "true"}
+    API = "2020-07-01"
+
+    def __init__(self, endpoint: Optional[str] = None, timeout: float = 2.0):
+        super().__init__(endpoint, timeout)
+        self._vm: Optional[str] = None
+
+    def probe(self) -> bool:
+        status, _, _ = _request(f"{self.endpoint}/metadata/instance?api-version=2021-02-01", self.timeout,
+                                headers=self.HEADERS)
+        return status == 200
+
+    def _vm_name(self) -> str:
+        if self._vm is None:
+            status, body, _ = _request(f"{self.endpoint}/metadata/instance/compute/name?api-version=2021-02-01"
+                                       "&format=text", self.timeout, headers=self.HEADERS)
+            self._vm = body.decode().strip() if status == 200 else ""
+        return self._vm
+
+    def poll(self) -> Optional[Notice]:
+        status, body, _ = _request(f"{self.endpoint}/metadata/scheduledevents?api-version={self.API}", self.timeout,
+                                   headers=self.HEADERS)
+        if status != 200:
+            raise OSError(f"scheduledevents answered HTTP {status}")
+        try:
+            events = json.loads(body).get("Events") or []
+        except (ValueError, AttributeError):
+            raise OSError(f"scheduledevents answered an unexpected document: {body[:200]!r}") from None
+        vm = None
+        for event in events:
+            if not isinstance(event, dict) or event.get("EventType") != "Preempt":
+                continue
+            if vm is None:
+                vm = self._vm_name()
+            resources = event.get("Resources") or []
+            if vm and resources and vm not in resources:
+                continue  # another VM's eviction (events cover the availability set)
+            deadline = None
+            if event.get("NotBefore"):
+                try:
+                    deadline = email.utils.parsedate_to_datetime(event["NotBefore"]).timestamp()
+                except (TypeError, ValueError):
+                    pass
+            return Notice("azure", deadline=deadline,
+                          detail=f"Preempt event {event.get('EventId', '?')} NotBefore {event.get('NotBefore')}")
+        return None
+
+
+class StopFile:
+    """A file whose appearance asks the run to stop (`touch <run dir>/STOP`)."""
+    name = "stop_file"
+
+    def __init__(self, path: str):
+        self.path = str(path)
+
+    def __repr__(self) -> str:
+        return f"StopFile({self.path!r})"
+
+    def poll(self) -> Optional[Notice]:
+        if os.path.exists(self.path):
+            return Notice("stop_file", detail=self.path)
+        return None
+
+
+SOURCES = {"aws": AwsSpot, "gcp": GcpPreempted, "azure": AzureScheduledEvents}
+
+
+def detect_cloud(endpoint: Optional[str] = None, timeout: float = 1.0) -> Optional[str]:
+    """Which cloud's metadata service answers here (aws, gcp, azure), or None. GCP first: its
+    service also answers on 169.254.169.254, and only it says `Metadata-Flavor: Google`."""
+    for name in ("gcp", "aws", "azure"):
+        try:
+            if SOURCES[name](endpoint, timeout).probe():
+                return name
+        except OSError:
+            continue
+    return None
+
+
+class Notices:
+    """The notice sources of a run, polled from one background thread (on local rank 0 of each node).
+
+    cloud:        None (no cloud notice), 'auto' (find out which cloud answers, in the background),
+                  'aws', 'gcp' or 'azure'.
+    endpoint:     the metadata service's base URL; None: the provider's own
+                  (http://169.254.169.254; GCP http://metadata.google.internal). For proxies and tests.
+    poll_seconds: seconds between polls of every source.
+    stop_file:    a file name (relative to the run directory) or path whose appearance stops the
+                  run; None: off. A stop file left from before is removed when the next run starts.
+    timeout:      seconds one metadata request may take; a slow or unreachable endpoint is logged
+                  once and polled again at the next interval.
+    sources:      more sources (objects with `name` and `poll() -> Notice | None`).
+    """
+
+    def __init__(self, cloud: Optional[str] = None, endpoint: Optional[str] = None, poll_seconds: float = 5.0,
+                 stop_file: Optional[str] = "STOP", timeout: float = 2.0, sources: Sequence[Any] = ()):
+        if cloud is not None and cloud not in CLOUDS + ("auto",):
+            raise ConfigError(f"cloud={cloud!r}; expected null (off), auto, aws, gcp or azure")
+        if endpoint is not None:
+            _check_endpoint(endpoint)
+        _check_seconds("poll_seconds", poll_seconds)
+        _check_seconds("timeout", timeout)
+        if stop_file is not None and (not isinstance(stop_file, str) or not stop_file.strip()):
+            raise ConfigError(f"stop_file={stop_file!r}; expected a file name (in the run directory), a path, "
+                              "or null (off)")
+        for s in sources:
+            if not callable(getattr(s, "poll", None)) or not isinstance(getattr(s, "name", None), str):
+                raise ConfigError(f"sources: {s!r} has no name and poll(); a source returns a Notice or None")
+        self.cloud, self.endpoint, self.stop_file = cloud, endpoint, stop_file
+        self.poll_seconds, self.timeout = float(poll_seconds), float(timeout)
+        self.extra = list(sources)
+        self.notice: Optional[Notice] = None  # the first notice this process saw
+        self.sources: list[Any] = []
+        self._thread: Optional[threading.Thread] = None
+        self._halt = threading.Event()
+        self._failing: set[str] = set()
+        self._on_notice: Optional[Callable[[Notice], None]] = None
+
+    def __repr__(self) -> str:
+        return (f"Notices(cloud={self.cloud!r}, endpoint={self.endpoint!r}, poll_seconds={self.poll_seconds:g}, "
+                f"stop_file={self.stop_file!r})")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cloud or self.stop_file or self.extra)
+
+    def stop_file_path(self, run_dir: Any) -> Optional[str]:
+        if self.stop_file is None:
+            return None
+        return os.path.join(os.fspath(run_dir), os.path.expanduser(self.stop_file))
+
+    def clear_stop_file(self, run_dir: Any) -> None:
+        """A stop file left from an earlier run is removed (once, by rank 0, before polling starts)."""
+        path = self.stop_file_path(run_dir)
+        if path and os.path.exists(path):
+            try:
+                touched = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(path)))
+                os.remove(path)
+                log.warning("removed the stop file %s (from %s) left by an earlier stop; touch it again to stop "
+                            "this run", path, touched)
+            except FileNotFoundError:
+                pass
+
+    def start(self, run_dir: Any, on_notice: Callable[[Notice], None]) -> None:
+        """Begin polling (call on one process per node); `on_notice(notice)` runs once, in the thread."""
+        if self._thread is not None:
+            raise RuntimeError("Notices.start() twice; make a new Notices for another run")
+        self._on_notice = on_notice
+        self.sources = list(self.extra)
+        path = self.stop_file_path(run_dir)
+        if path:
+            self.sources.append(StopFile(path))
+        if self.cloud in CLOUDS:
+            self.sources.append(SOURCES[self.cloud](self.endpoint, self.timeout))
+        if not self.sources and self.cloud != "auto":
+            return
+        self._thread = threading.Thread(target=self._run, name="preemptible-notices", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout + 1)
+
+    def _run(self) -> None:
+        if self.cloud == "auto":
+            found = detect_cloud(self.endpoint, min(self.timeout, 1.0))
+            if found:
+                log.info("notices: %s metadata service found; polling its preemption notice every %gs",
+                         found, self.poll_seconds)
+                self.sources.append(SOURCES[found](self.endpoint, self.timeout))
+            else:
+                log.info("notices: no cloud metadata service answered; cloud notices are off")
+        while not self._halt.is_set():
+            for source in list(self.sources):
+                if self._poll(source):
+                    return
+            self._halt.wait(self.poll_seconds)
+
+    def _poll(self, source: Any) -> bool:
+        try:
+            notice = source.poll()
+        except Exception as e:  # noqa: BLE001 -- a source must never end the polling
+            if source.name not in self._failing:
+                self._failing.add(source.name)
+                log.warning("notices: %r cannot be read (%s); polling goes on every %gs", source, e, self.poll_seconds)
+            return False
+        if source.name in self._failing:
+            self._failing.discard(source.name)
+            log.info("notices: %r answers again", source)
+        if notice is None:
+            return False
+        self.notice = notice
+        lead = f", {notice.lead_seconds:.0f}s ahead" if notice.lead_seconds is not None else ""
+        log.warning("notice from %s: %s%s; stopping at the next agreed step", notice.source, notice.detail, lead)
+        if self._on_notice is not None:
+            self._on_notice(notice)
+        return True
+
+
+def _iso_time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _check_endpoint(endpoint: Any) -> None:
+    if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"endpoint={endpoint!r}; expected an http:// URL (the metadata service), or null for "
+                          "the provider's own")
+
+
+def _check_seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{name}={value!r}; expected seconds > 0")

@@ -1,0 +1,223 @@
+"""Notice sources against real HTTP servers that speak each cloud's metadata protocol (127.0.0.1)."""
+
+import logging
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from metadata_servers import MetadataServer  # noqa: E402
+
+from preemptible import ConfigError, Notice, Notices  # noqa: E402
+from preemptible.notices import AwsSpot, AzureScheduledEvents, GcpPreempted, StopFile, detect_cloud  # noqa: E402
+from preemptible.preemption import EXIT_NOTICE, Stop, exit_status, save_skip_reason  # noqa: E402
+from preemptible.stop import NOTICE, reason_name  # noqa: E402
+
+
+def _closed_port_url():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def test_aws_imdsv2_token_flow_then_the_notice():
+    with MetadataServer("aws", lead_seconds=120) as server:
+        src = AwsSpot(server.url, timeout=2)
+        assert src.poll() is None  # 404 before the notice
+        assert [r[:2] for r in server.requests[:2]] == [("PUT", "/latest/api/token"),
+                                                        ("GET", "/latest/meta-data/spot/instance-action")]
+        assert src.poll() is None
+        assert sum(1 for r in server.requests if r[0] == "PUT") == 1  # the token is reused while valid
+        server.expire_tokens()  # the service forgets the token: 401, one new token, the retry answers
+        assert src.poll() is None
+        assert [r[2] for r in server.requests[-3:]] == [401, 200, 404]
+        server.notify()
+        notice = src.poll()
+        assert notice.source == "aws" and "terminate" in notice.detail
+        assert abs(notice.deadline - server.deadline) < 1.01  # the document's time, to the second
+        assert 118 < notice.lead_seconds <= 120.5
+
+
+def test_aws_refuses_requests_without_the_token():
+    """The server really enforces IMDSv2: a GET without a token is 401 (so the client's 200s mean it
+    sent one), a token request without its TTL header is 400."""
+    import urllib.request
+    import urllib.error
+
+    with MetadataServer("aws") as server:
+        for req in (urllib.request.Request(f"{server.url}/latest/meta-data/spot/instance-action"),
+                    urllib.request.Request(f"{server.url}/latest/api/token", method="PUT", data=b"")):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=2)
+            assert e.value.code in (400, 401)
+
+
+def test_gcp_needs_its_header_and_says_true():
+    with MetadataServer("gcp") as server:
+        src = GcpPreempted(server.url)
+        assert src.poll() is None
+        assert server.requests[-1] == ("GET", "/computeMetadata/v1/instance/preempted", 200)
+        server.notify()
+        notice = src.poll()
+        assert notice.source == "gcp" and notice.lead_seconds == 30.0
+        # without the header the service refuses (403), which the source reports as unreadable
+        import urllib.request
+        import urllib.error
+
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{server.url}/computeMetadata/v1/instance/preempted", timeout=2)
+        assert e.value.code == 403
+
+
+def test_azure_preempt_event_for_this_vm_only():
+    with MetadataServer("azure", lead_seconds=45) as server:
+        src = AzureScheduledEvents(server.url)
+        assert src.poll() is None  # no events
+        server.notify()
+        server.other_vm = True
+        assert src.poll() is None  # another VM's eviction is not ours
+        server.other_vm = False
+        notice = src.poll()
+        assert notice.source == "azure" and "Preempt" in notice.detail
+        assert abs(notice.deadline - server.deadline) < 1.01 and 43 < notice.lead_seconds <= 45.5
+        assert all(status != 400 for _, _, status in server.requests)  # the Metadata header was always sent
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
+def test_auto_detects_the_cloud(cloud):
+    with MetadataServer(cloud) as server:
+        assert detect_cloud(server.url, timeout=2) == cloud
+
+
+def test_auto_finds_nothing_where_nothing_answers():
+    assert detect_cloud(_closed_port_url(), timeout=0.5) is None
+
+
+def test_an_unreachable_endpoint_is_logged_once_and_polling_goes_on(caplog):
+    url = _closed_port_url()
+    notices = Notices(cloud="aws", endpoint=url, poll_seconds=0.05, stop_file=None, timeout=0.5)
+    got = []
+    with caplog.at_level(logging.INFO, logger="preemptible.notices"):
+        notices.start("/nonexistent", got.append)
+        time.sleep(0.6)  # ~10 polls, all refused
+        port = int(url.rsplit(":", 1)[1])
+        server = MetadataServer("aws")
+        server.httpd.server_close()
+        server.httpd = type(server.httpd)(("127.0.0.1", port), server.httpd.RequestHandlerClass)
+        with server.start():  # the service comes up on the same address: polling picks it up
+            server.notify()
+            for _ in range(100):
+                if got:
+                    break
+                time.sleep(0.05)
+            notices.stop()
+    warned = [r for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    assert any("answers again" in r.getMessage() for r in caplog.records)
+    assert got and got[0].source == "aws" and notices.notice is got[0]
+
+
+def test_a_slow_service_times_out_without_blocking(caplog):
+    with MetadataServer("gcp") as server:
+        server.delay = 3.0
+        src = GcpPreempted(server.url, timeout=0.3)
+        t = time.perf_counter()
+        with pytest.raises(OSError):
+            src.poll()
+        assert time.perf_counter() - t < 2.0
+        notices = Notices(cloud="gcp", endpoint=server.url, poll_seconds=0.05, stop_file=None, timeout=0.3)
+        got = []
+        with caplog.at_level(logging.WARNING, logger="preemptible.notices"):
+            notices.start("/nonexistent", got.append)
+            time.sleep(1.0)
+            server.delay = 0.0
+            server.notify()
+            for _ in range(100):
+                if got:
+                    break
+                time.sleep(0.05)
+            notices.stop()
+        assert got and got[0].source == "gcp"
+        assert len([r for r in caplog.records if "cannot be read" in r.getMessage()]) == 1
+
+
+def test_stop_file_in_the_run_directory(tmp_path):
+    notices = Notices(poll_seconds=0.05)
+    got = []
+    notices.start(tmp_path, got.append)
+    time.sleep(0.2)
+    assert not got
+    (tmp_path / "STOP").touch()
+    for _ in range(100):
+        if got:
+            break
+        time.sleep(0.05)
+    notices.stop()
+    assert got[0].source == "stop_file" and got[0].deadline is None and got[0].lead_seconds is None
+    # a stop file left from before is removed at the next start, before polling
+    Notices().clear_stop_file(tmp_path)
+    assert not (tmp_path / "STOP").exists()
+    assert StopFile(str(tmp_path / "STOP")).poll() is None
+    # an absolute path, and a configurable name
+    assert Notices(stop_file="/tmp/x/STOP_ME").stop_file_path(tmp_path) == "/tmp/x/STOP_ME"
+    assert Notices(stop_file="HALT").stop_file_path(tmp_path) == str(tmp_path / "HALT")
+    assert Notices(stop_file=None).stop_file_path(tmp_path) is None
+
+
+def test_a_custom_source_and_one_that_raises(caplog):
+    class Flaky:
+        name = "flaky"
+        calls = 0
+
+        def poll(self):
+            Flaky.calls += 1
+            if Flaky.calls < 4:
+                raise RuntimeError("boom")
+            return Notice("flaky", deadline=time.time() + 10)
+
+    got = []
+    with caplog.at_level(logging.WARNING, logger="preemptible.notices"):
+        n = Notices(stop_file=None, poll_seconds=0.02, sources=[Flaky()])
+        n.start("/nonexistent", got.append)
+        for _ in range(200):
+            if got:
+                break
+            time.sleep(0.02)
+        n.stop()
+    assert got and got[0].source == "flaky"
+    assert len([r for r in caplog.records if "cannot be read" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"cloud": "gpc"}, "cloud='gpc'; expected null (off), auto, aws, gcp or azure"),
+    ({"cloud": "aws", "endpoint": "169.254.169.254"}, "endpoint='169.254.169.254'; expected an http:// URL"),
+    ({"poll_seconds": 0}, "poll_seconds=0; expected seconds > 0"),
+    ({"poll_seconds": "5"}, "poll_seconds='5'"),
+    ({"timeout": -1}, "timeout=-1"),
+    ({"stop_file": ""}, "stop_file=''"),
+    ({"stop_file": 3}, "stop_file=3"),
+    ({"sources": [object()]}, "has no name and poll()"),
+])
+def test_bad_values_are_named(kwargs, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        Notices(**kwargs)
+    assert message in str(e.value)
+
+
+def test_stop_reason_exit_status_and_the_deadline_rule():
+    now = time.time()
+    stop = Stop(NOTICE, 7, notices={"0": Notice("aws", seen=now, deadline=now + 3).as_dict()}, deadline=now + 3)
+    assert stop.reason == "notice (aws)" and reason_name(NOTICE) == "notice"
+    assert exit_status(stop, None) == EXIT_NOTICE == 75 and exit_status(stop, 0) == 0
+    # the deadline decides whether the save fits: 10 s do not fit in 3, 1 s does
+    assert "aws notice's deadline is in" in save_skip_reason(stop, None, 10.0)
+    assert save_skip_reason(stop, None, 1.0) is None
+    stop.deadline = now - 1
+    assert "deadline is past" in save_skip_reason(stop, None, 0.5)
+    # no deadline (a stop file): no skip
+    assert save_skip_reason(Stop(NOTICE, 7, notices={"0": Notice("stop_file").as_dict()}), None, 1e6) is None
