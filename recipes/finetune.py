@@ -5,6 +5,7 @@
     python recipes/finetune.py signal_handler.sig=SIGUSR2       # choose the stop signal
     python recipes/finetune.py signal_handler=none              # no signal handling
     python recipes/finetune.py notices.cloud=aws                # also stop on an EC2 spot notice
+    python recipes/finetune.py tracker=tensorboard              # or wandb, mlflow: one run across resumes
 
 On a signal at any rank (TERM, INT, HUP by default) every rank stops at the same step, writes one
 committed checkpoint and exits 128+signum; the same command again resumes from it, bit-identically.
@@ -59,7 +60,8 @@ def train(cfg: DictConfig) -> Run:
     trainer, scheduler = cfg.trainer, cfg.scheduler
     run = Run(cfg.run_dir, model=model, optimizer=optimizer, scheduler=schedule, data=batches,
               max_steps=trainer.max_steps, checkpointer=build(cfg, "checkpoint"),
-              handler=build(cfg, "signal_handler"), notices=build(cfg, "notices"), stop_check=trainer.stop_check, max_time=trainer.max_time,
+              handler=build(cfg, "signal_handler"), notices=build(cfg, "notices"), tracker=build(cfg, "tracker"),
+              stop_check=trainer.stop_check, max_time=trainer.max_time,
               slurm_time_limit=scheduler.time_limit, grace_period=scheduler.grace_period,
               save_guess=scheduler.save_guess, margin=scheduler.margin, requeue=scheduler.requeue,
               exit_code_on_stop=trainer.exit_code_on_stop, log_every=trainer.log_every, log_file="finetune.log",

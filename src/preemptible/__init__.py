@@ -31,6 +31,7 @@ _WHERE = {
     "init_distributed": "preemptible.distributed",
     "load_model_weights": "preemptible.checkpoint",
     "params_sha256": "preemptible.state",
+    "read_history": "preemptible.metrics",
     "read_metrics": "preemptible.metrics",
     "parse_signals": "preemptible.signal_handler",
     "resolve_signal": "preemptible.signal_handler",

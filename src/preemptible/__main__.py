@@ -1,4 +1,4 @@
-"""python -m preemptible export RUN_OR_CHECKPOINT OUT  |  python -m preemptible status RUN_DIR"""
+"""python -m preemptible export RUN_OR_CHECKPOINT OUT  |  status RUN_DIR  |  plot RUN_DIR [-o FILE.png]"""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("run_dir")
     st.add_argument("--verify", action="store_true", help="also check every file's CRC-32C (reads them all)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    pl = sub.add_parser("plot", help="loss and LR against step, stops, resumes and lost time marked (matplotlib)")
+    pl.add_argument("run_dir")
+    pl.add_argument("-o", "--out", help="the image to write (.png, .svg, .pdf); default RUN_DIR/run.png")
     args = parser.parse_args(argv)
 
     from preemptible.errors import ConfigError
@@ -27,6 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "export":
             out = export_weights(args.checkpoint, args.out, format=args.format, verify=not args.no_verify)
+            print(f"wrote {out}")
+        elif args.command == "plot":
+            from preemptible.plot import interruptions, plot_run
+
+            out = plot_run(args.run_dir, args.out)
+            for it in interruptions(args.run_dir):
+                lost = f"{it.lost_seconds:.1f}s lost" if it.lost_seconds is not None else "time lost unknown"
+                print(f"{it.reason} at step {it.stop_step if it.stop_step is not None else '?'} -> resumed at step "
+                      f"{it.resume_step}: {lost}" + (" (save skipped)" if it.save_skipped else ""))
             print(f"wrote {out}")
         else:
             info = status(args.run_dir, verify=args.verify)

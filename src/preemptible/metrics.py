@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -28,6 +29,7 @@ class Metrics:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._pending: list[tuple[int, Any, Optional[float], float, dict]] = []
         self._checked_tail = False
+        self.sinks: list[Any] = []  # callables given every appended row (steps and events), in order
         self._bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -36,6 +38,8 @@ class Metrics:
 
     def start(self, step: int) -> None:
         if self._bar is not None:
+            if step:
+                self._bar.set_description(f"train (resumed at step {step})")
             self._bar.update(step - self._bar.n)
 
     def step(self, step: int, loss: Any = None, lr: Optional[float] = None, **extra: Any) -> None:
@@ -94,10 +98,15 @@ class Metrics:
             os.fsync(fd)
         finally:
             os.close(fd)
+        for sink in self.sinks:
+            sink(rows)
 
-    def close(self) -> None:
+    def close(self, outcome: Optional[str] = None) -> None:
+        """Flush; on a terminal the bar ends with `outcome` ("done", "stopped: SIGTERM at step 12")."""
         self.flush()
         if self._bar is not None:
+            if outcome:
+                self._bar.set_description(f"train: {outcome}")
             self._bar.close()
 
 
@@ -145,6 +154,31 @@ def read_metrics(path: Union[str, "os.PathLike[str]"], strict: bool = False) -> 
             continue
         out.append(row)
     return out
+
+
+@dataclass
+class History:
+    """A run's metrics as they stand: `rows`, one per step in step order (after a crash the later
+    line of a repeated step wins, as the resumed run recomputed it), and `events` in file order."""
+    rows: list[dict]
+    events: list[dict]
+
+    def series(self, key: str) -> tuple[list[int], list[Any]]:
+        """(steps, values) of one metric over the steps that have it."""
+        pairs = [(r["step"], r[key]) for r in self.rows if key in r]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def read_history(run_dir: Union[str, "os.PathLike[str]"]) -> History:
+    """The run's history from metrics.jsonl (the source of truth): see `History`."""
+    by_step: dict[int, dict] = {}
+    events = []
+    for row in read_metrics(run_dir):
+        if "event" in row:
+            events.append(row)
+        elif isinstance(row.get("step"), int):
+            by_step[row["step"]] = row
+    return History([by_step[s] for s in sorted(by_step)], events)
 
 
 def _plain(value: Any) -> Any:

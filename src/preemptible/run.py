@@ -38,6 +38,7 @@ from preemptible.distributed import barrier, broadcast_object, exit_run, is_dist
 from preemptible.errors import CheckpointError, ConfigError
 from preemptible.metrics import Metrics
 from preemptible.notices import Notices
+from preemptible.trackers import TrackerFeed
 from preemptible.ownership import RunLease
 from preemptible.preemption import Stop, agreed_stop, end_time, exit_status, save_skip_reason, want_requeue
 from preemptible.state import ModelOptimState, from_blob, params_sha256, rng_state, set_rng_state, to_blob
@@ -142,6 +143,8 @@ class Run:
                   the time limits.
     requeue:      'auto' (under SLURM, when the job allows it), True or False: rank 0 requeues the
                   job after a stop's checkpoint is committed.
+    tracker:      an experiment tracker (`preemptible.trackers.TensorBoard`, `WandB`, `MLflow`) or a list of
+                  them, fed by rank 0: one tracker run across stops and resumes, each step once.
     exit_code_on_stop: the exit status after a stop (None: 128 + signal number, 124 for a time limit,
                   75 for a notice).
     log_every:    losses are read from the device and printed every N steps.
@@ -162,7 +165,7 @@ class Run:
                  checkpointer: Optional[Checkpointer] = None, signals: Any = DEFAULT_SIGNALS, handler: Any = _UNSET,
                  check_every: Any = "auto", max_latency: float = 1.0, stop_check: str = "reduce",
                  max_time: Optional[float] = None, slurm_time_limit: bool = True, grace_period: Optional[float] = None,
-                 notices: Any = _UNSET,
+                 notices: Any = _UNSET, tracker: Any = None,
                  save_guess: float = 30.0, margin: float = 5.0, requeue: Any = "auto",
                  exit_code_on_stop: Optional[int] = None, log_every: int = 10, log_file: Optional[str] = None,
                  lease_wait: float = 120.0, stale_after: float = 30.0, param_digests: Any = "done",
@@ -238,6 +241,8 @@ class Run:
                                   "signals= (not None), or notices=None")
             notices = None  # only the stop file: off with the rest of the stop handling
         self.notices: Optional[Notices] = notices
+        trackers = [] if tracker is None else list(tracker) if isinstance(tracker, (list, tuple)) else [tracker]
+        self._feed = TrackerFeed(trackers)  # validates on every rank; fed on rank 0 only
         self.deadline = Deadline(end_time(max_time, slurm_time_limit), save_guess, margin)
         if self.deadline.end is not None and handler is None:
             raise ConfigError("max_time and SLURM time limits need signal handling to agree on the stop step; "
@@ -308,7 +313,14 @@ class Run:
 
                 early.release_held()  # no handling asked for: held signals act as they would have
             self._snapshot()
+            early_rows: list[dict] = []  # the resumed event, for the trackers that start once the step is known
+            self.metrics.sinks.append(early_rows.extend)
             self._resume()
+            self.metrics.sinks.remove(early_rows.extend)
+            if self.rank == 0 and self._feed.trackers:
+                self._feed.start(self.dir, self.step if self.resumed_from else None, self.meta.get("config"),
+                                 early_rows)
+                self.metrics.sinks.append(self._feed.add)
             self._snapshot()
             if self.optimizer is not None:
                 self._hooks.append(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
@@ -544,6 +556,7 @@ class Run:
         if self.checkpointer.due(self.step):
             self.last_checkpoint = self.checkpointer.save(self.step, self._dcp, wait=False)
         self.checkpointer.poll()
+        self._feed.committed(self.checkpointer.last_committed_step)
         return False
 
     def should_stop(self) -> bool:
@@ -645,7 +658,12 @@ class Run:
                 raise
             log.exception("the save in flight failed too")
         finally:
-            self.metrics.close()
+            status = "failed" if not clean or self.exit_code is None else "preempted" if self.stop else "done"
+            reason = self.stop.reason if self.stop is not None else None
+            outcome = {"done": f"done at step {self.step}", "failed": f"failed at step {self.step}",
+                       "preempted": f"stopped at step {self.step} ({reason})"}[status]
+            self.metrics.close(outcome)
+            self._feed.finish(status, reason, self.step, self.checkpointer.last_committed_step)
             if clean:
                 barrier()
             let_gloo_workers_finish()  # gloo's threads finish their releases before any interpreter teardown

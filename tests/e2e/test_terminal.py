@@ -14,11 +14,10 @@ from recipe_helpers import REPO, command
 pytestmark = pytest.mark.slow
 
 
-def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
+def _on_a_terminal(*args):
     leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
-    proc = subprocess.Popen(command(tmp_path / "tty", "trainer.max_steps=30", "trainer.log_every=10"), cwd=REPO,
-                            stdin=follower, stdout=follower, stderr=follower)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen(command(*args), cwd=REPO, stdin=follower, stdout=follower, stderr=follower)
     os.close(follower)
     out = b""
     while True:
@@ -30,8 +29,20 @@ def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
             break
         out += chunk
     proc.wait(timeout=60)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0 and "30/30" in text and "it/s" in text and "\r" in text, text
+    return proc.returncode, out.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
+    """The bar ends saying why (a stop's reason and step, or done) and a resumed run's bar says
+    where it resumed."""
+    code, text = _on_a_terminal(tmp_path / "tty", "trainer.max_steps=100000", "trainer.log_every=10",
+                                "trainer.max_time=2", "scheduler.save_guess=0.5", "scheduler.margin=0.5")
+    assert code == 124 and "train: stopped at step" in text and "(time limit)" in text, text
+    stopped = int(text.split("train: stopped at step ")[-1].split()[0])
+    end = stopped + 30
+    code, text = _on_a_terminal(tmp_path / "tty", f"trainer.max_steps={end}", "trainer.log_every=10")
+    assert code == 0 and f"{end}/{end}" in text and "it/s" in text and "\r" in text, text
+    assert f"train (resumed at step {stopped})" in text and f"train: done at step {end}" in text, text
     plain = subprocess.run(command(tmp_path / "pipe", "trainer.max_steps=30", "trainer.log_every=10"), cwd=REPO,
                            capture_output=True, text=True, timeout=60)
     assert "step 30/30 loss" in plain.stdout + plain.stderr and "it/s" not in plain.stdout + plain.stderr

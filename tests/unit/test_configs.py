@@ -24,7 +24,7 @@ def _compose(*overrides):
 
 def test_every_group_option_is_covered():
     assert {g for g, _ in OPTIONS} == {"model", "data", "optim", "lr_schedule", "signal_handler", "checkpoint", "trainer",
-                                            "notices"}
+                                            "notices", "tracker"}
 
 
 @pytest.mark.parametrize("group, option", OPTIONS)
@@ -46,6 +46,10 @@ def test_compose_and_instantiate(group, option, monkeypatch):
         assert isinstance(obj, DistributedSignalHandler) and obj.local_rank == 3
         with obj:  # installs and releases for real, group built lazily (no dist here)
             assert obj.should_stop() is False
+    if group == "tracker":
+        from preemptible.trackers import TrackerFeed
+
+        assert obj.name == option and TrackerFeed([obj]).trackers == [obj]  # built, nothing imported or opened yet
     if group == "notices":
         from preemptible import Notices
 
