@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from preemptible import faults, heartbeat
 from preemptible.distributed import barrier, broadcast_object, is_distributed
 from preemptible.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from preemptible.remote import Remote, Uploader, is_remote
 from preemptible.safe_load import SafePlanner, SafeReader
 from preemptible.storage import SUMS_PREFIX, file_crc32c, file_writer
 
@@ -211,11 +212,18 @@ class Checkpointer:
     verify:   check every file's CRC-32C before resuming from a checkpoint (reads it once).
     keep_abandoned: when a resume from an older checkpoint starts a new branch, move the
               checkpoints that are not its ancestors to `abandoned/` (true) or delete them (false).
+
+    dir may be `s3://bucket/prefix` (the `s3` extra): checkpoints are then written and committed in
+    `local_dir` (default `<run dir>/checkpoints`) exactly as on disk, and uploaded in the background
+    (`preemptible.remote`): data objects first, the marker object last, then `latest`. A resume on a
+    machine without them downloads the newest valid remote checkpoint (sizes and CRC-32C checked).
+    The local tier must be visible to every rank (one node, or a shared filesystem).
     """
 
     def __init__(self, dir: Optional[str] = None, interval: int = 100, keep: int = 2, resume: str = "auto",
                  async_save: bool = False, write_threads: int = 2, fsync: bool = True, writeback_mib: int = 8,
-                 zip_crc32: bool = False, verify: bool = True, keep_abandoned: bool = True):
+                 zip_crc32: bool = False, verify: bool = True, keep_abandoned: bool = True,
+                 local_dir: Optional[str] = None):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
             raise ConfigError(f"interval={interval!r}; expected an int >= 0 (0 = only on stop and at the end)")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -232,7 +240,17 @@ class Checkpointer:
         if not isinstance(resume, str) or not resume:
             raise ConfigError(f"resume={resume!r}; expected auto, never or a checkpoint directory")
         if dir is not None and (not isinstance(dir, str) or not dir):
-            raise ConfigError(f"dir={dir!r}; expected a directory path or null (<run dir>/checkpoints)")
+            raise ConfigError(f"dir={dir!r}; expected a directory path, s3://bucket/prefix, or null "
+                              "(<run dir>/checkpoints)")
+        if local_dir is not None and (not isinstance(local_dir, str) or not local_dir or is_remote(local_dir)):
+            raise ConfigError(f"local_dir={local_dir!r}; expected a local directory path or null "
+                              "(<run dir>/checkpoints)")
+        self.remote = Remote(dir) if is_remote(dir) else None
+        if local_dir is not None and self.remote is None:
+            raise ConfigError(f"local_dir={local_dir!r} is for a remote dir (s3://...); dir={dir!r} is local already")
+        self.local_dir = local_dir
+        self.uploader: Optional[Uploader] = None
+        self.remote_owner_check: Any = None  # () -> None, raises if this run lost the remote prefix
         self.dir, self.interval, self.keep, self.resume = dir, interval, keep, resume
         self.async_save, self.write_threads = async_save, write_threads
         self.fsync, self.writeback_mib, self.zip_crc32 = fsync, writeback_mib, zip_crc32
@@ -255,7 +273,13 @@ class Checkpointer:
     def setup(self, run_dir: str, rank: int) -> "Checkpointer":
         """Bind to the run directory and prove it is writable, on every rank (so errors are symmetric)."""
         self.rank = rank
-        self.root = Path(self.dir) if self.dir else Path(run_dir) / "checkpoints"
+        if self.remote is not None:
+            self.root = Path(self.local_dir) if self.local_dir else Path(run_dir) / "checkpoints"
+            if rank == 0:
+                self.uploader = Uploader(self.remote, self.keep, lambda: self.remote_owner_check
+                                         and self.remote_owner_check())
+        else:
+            self.root = Path(self.dir) if self.dir else Path(run_dir) / "checkpoints"
         probe = self.root / f".write-probe-rank{rank}-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -340,7 +364,9 @@ class Checkpointer:
         if self.rank == 0:
             started = time.perf_counter()
             try:
+                fetched = self._fetch_remote() if self.remote is not None and self.resume == "auto" else []
                 decision = self._decide()
+                decision.skipped = fetched + decision.skipped
                 decision.verify_seconds = time.perf_counter() - started
             except ConfigError as e:
                 decision = e
@@ -348,6 +374,46 @@ class Checkpointer:
         if isinstance(decision, ConfigError):
             raise decision
         return decision
+
+    def _fetch_remote(self) -> list:
+        """Rank 0: remote checkpoints newer than the newest valid local one are downloaded into the
+        local tier (newest first, until one is valid); returns [(where, why)] for those skipped."""
+        skipped: list = []
+        local = [p for p in self._top_level() if why_invalid(p) is None]
+        newest_local = step_of(local[0]) if local else -1
+        try:
+            committed, unfinished = self.remote.listing()
+        except Exception as e:  # noqa: BLE001 -- the store cannot be read: resume from what is here
+            log.warning("checkpoint: %s cannot be listed (%s); resuming from the local tier only", self.remote.url, e)
+            return skipped
+        for step, name in unfinished:
+            if step > newest_local:
+                why = f"no {COMMIT} object (an upload that did not finish)"
+                log.warning("checkpoint: skipping %s: %s", self.remote.where(name), why)
+                skipped.append((self.remote.where(name), why))
+        for step, name in committed:
+            if step <= newest_local:
+                break
+            started = time.perf_counter()
+            into = self.root / f"{name}.download"
+            why = self.remote.download(name, into)
+            if why is None:
+                final = self.root / name
+                if final.exists():  # an unfinished local save of the same step
+                    shutil.rmtree(final)
+                os.rename(into, final)
+                _fsync_path(self.root, self.fsync)
+                log.info("checkpoint: downloaded %s from %s in %.2fs (sizes and CRC-32C checked)", name,
+                         self.remote.url, time.perf_counter() - started)
+                break
+            log.warning("checkpoint: skipping %s: %s", self.remote.where(name), why)
+            skipped.append((self.remote.where(name), why))
+        return skipped
+
+    def wait_upload(self, timeout: Optional[float] = None) -> bool:
+        """Rank 0 with a remote dir: True once every committed checkpoint is uploaded (or failed:
+        see `uploader.error`) within `timeout` seconds; True at once elsewhere."""
+        return self.uploader.wait(timeout) if self.uploader is not None else True
 
     def _decide(self) -> Resume:
         head = None
@@ -522,11 +588,19 @@ class Checkpointer:
             self._staging = None
 
     def close(self) -> None:
-        """Finish and commit any save in flight; free the staging buffers."""
-        self.wait()
-        if self._stager is not None:
-            self._stager.close()
-            self._stager = None
+        """Finish and commit any save in flight; free the staging buffers; with a remote dir, wait
+        for the uploads (CheckpointError if the newest one failed: it is committed locally only)."""
+        try:
+            self.wait()
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+        if self.uploader is not None:
+            self.uploader.wait()
+            if self.uploader.error:
+                raise CheckpointError(f"{self.uploader.error}; the checkpoint is committed in {self.root}, and "
+                                      f"{self.remote.url}'s head stays {self.uploader.uploaded or 'what it was'}")
 
     def poll(self) -> None:
         """At a step boundary: commit an async save that has finished (never blocks)."""
@@ -603,6 +677,8 @@ class Checkpointer:
             self._prune(final)
         except OSError as e:
             log.warning("checkpoint: %s is committed; pruning older checkpoints failed (%s)", final.name, e)
+        if self.uploader is not None:
+            self.uploader.submit(final)
 
     def _prune(self, newest: Path) -> None:
         on, _, _ = self._by_line(self.line)

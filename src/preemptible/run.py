@@ -333,7 +333,8 @@ class Run:
     def _own(self) -> None:
         """Rank 0 takes the leases (run dir, and checkpoint dir if outside); every rank learns the outcome."""
         dirs = [self.dir]
-        cdir = self.checkpointer.dir
+        cp = self.checkpointer
+        cdir = cp.local_dir if cp.remote is not None else cp.dir
         if cdir and not Path(cdir).resolve().is_relative_to(self.dir.resolve()):
             dirs.append(Path(cdir))
         error = None
@@ -348,6 +349,19 @@ class Run:
                 except ConfigError as e:
                     error = ConfigError(f"checkpoint_dir={str(d)!r}: {e}") if i else e
                     break
+            if error is None and cp.remote is not None:
+                from preemptible.remote import RemoteLease
+
+                try:
+                    lease = RemoteLease(cp.remote, wait=self.lease_wait, stale_after=self.stale_after).acquire()
+                    self._leases.append(lease)
+                    cp.remote_owner_check = lease.check
+                except ConfigError as e:
+                    error = renamed(e, {"dir": "checkpoint_dir"})
+                except Exception as e:  # noqa: BLE001 -- the store cannot be reached: one line, before any work
+                    error = ConfigError(f"checkpoint_dir={cp.remote.url!r} cannot be reached ({type(e).__name__}: "
+                                        f"{str(e).splitlines()[0] if str(e) else ''}); check AWS_ENDPOINT_URL and "
+                                        "the credentials")
             if error is None and self.notices is not None:
                 self.notices.clear_stop_file(self.dir)  # before any node polls for it
         error = broadcast_object(error)
@@ -623,6 +637,8 @@ class Run:
         skipped = save_skip_reason(stop, self.grace_period, estimate)
         self.last_checkpoint = None if skipped else cp.save(self.step, self._dcp)
         extra: dict[str, Any] = {"save_skipped": skipped} if skipped else {}
+        if cp.uploader is not None and self.last_checkpoint is not None:
+            extra["uploaded"] = self._wait_upload(stop, cp)
         if stop.notices:
             extra["notices"] = stop.notices
             extra["seconds_since_notice"] = round(time.time() - min(n["seen"] for n in stop.notices.values()), 3)
@@ -638,6 +654,26 @@ class Run:
             log.info("stopped at step %d on %s; checkpoint %s; %s", self.step, stop.reason, self.last_checkpoint,
                      again)
         self.exit_code = exit_status(stop, self.exit_code_on_stop)
+
+    def _wait_upload(self, stop: Stop, cp: Checkpointer) -> bool:
+        """Rank 0, remote dir: the stop's checkpoint must reach the store; wait as long as the grace
+        period (or a notice's deadline) allows, and say so when it cannot cover the upload."""
+        left = None
+        if self.grace_period is not None and stop.first_seen != float("inf"):
+            left = self.grace_period - (time.time() - stop.first_seen)
+        if stop.deadline is not None:
+            left = min(left if left is not None else float("inf"), stop.deadline - time.time())
+        guess = cp.remote.last_upload_seconds
+        name = self.last_checkpoint.name
+        if left is not None and guess is not None and guess > left:
+            log.warning("the upload of %s took ~%.1fs last time but only %.1fs are left before the kill: it may not "
+                        "finish; until it does %s's head stays %s", name, guess, max(left, 0), cp.remote.url,
+                        cp.uploader.uploaded or "none")
+        done = cp.wait_upload(None if left is None else max(left, 0.0))
+        if not done:
+            log.warning("the upload of %s did not finish in the %.1fs left; it is committed locally (%s), the remote "
+                        "head stays %s", name, max(left or 0, 0), cp.root, cp.uploader.uploaded or "none")
+        return done and cp.uploader.error is None and cp.uploader.uploaded == name
 
     def _leave(self, clean: bool) -> None:
         self._iter = None  # the data iterator (and its worker processes) need not outlive the run

@@ -161,7 +161,7 @@ def schedule_lambdas(schedule: Any) -> list[Optional[dict]]:
 # The library names its arguments in errors (`interval=...`); the recipe's user knows config keys.
 RECIPE_KEYS = {
     "interval": "checkpoint.interval", "keep": "checkpoint.keep", "resume": "checkpoint.resume",
-    "dir": "checkpoint.dir", "checkpoint_dir": "checkpoint.dir", "verify": "checkpoint.verify",
+    "dir": "checkpoint.dir", "checkpoint_dir": "checkpoint.dir", "local_dir": "checkpoint.local_dir", "verify": "checkpoint.verify",
     "keep_abandoned": "checkpoint.keep_abandoned", "async_save": "checkpoint.async_save",
     "write_threads": "checkpoint.write_threads", "fsync": "checkpoint.fsync",
     "writeback_mib": "checkpoint.writeback_mib", "zip_crc32": "checkpoint.zip_crc32",

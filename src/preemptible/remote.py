@@ -1,0 +1,328 @@
+"""A checkpoint tier on object storage (s3://bucket/prefix through fsspec/s3fs: the `s3` extra).
+
+Object stores have no atomic rename and show objects one by one, so a checkpoint is written once
+to fast local storage (the local tier: committed there exactly as on disk) and then uploaded:
+every data file first, sizes checked, then the `COMMITTED` marker object last, then the `latest`
+head object. A remote checkpoint counts only with its marker, and its objects must match the
+marker's sizes and CRC-32C checksums (checked on download). Endpoint and credentials come from
+the usual AWS variables and files (AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws): nothing here.
+
+One run owns a prefix: an `OWNER` object created with a conditional write (If-None-Match) and
+renewed with If-Match on its ETag; an owner whose lease went unrenewed for `stale_after` seconds
+counts as gone. A run that lost its lease uploads no marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from preemptible.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+COMMIT = "COMMITTED"
+LATEST = "latest"
+OWNER = "OWNER"
+
+
+def is_remote(url: Any) -> bool:
+    return isinstance(url, str) and "://" in url and not url.startswith("file://")
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class Remote:
+    """Checkpoints under one object-storage prefix."""
+
+    def __init__(self, url: str):
+        if not is_remote(url):
+            raise ConfigError(f"dir={url!r}; expected s3://bucket/prefix")
+        try:
+            import fsspec
+        except ImportError:
+            raise ConfigError(f"dir={url!r} needs fsspec and s3fs: pip install 'preemptible[s3]'") from None
+        try:
+            self.fs, path = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"dir={url!r}: {_short(e)}; for s3:// pip install 'preemptible[s3]'") from None
+        self.url = url.rstrip("/")
+        self.root = path.rstrip("/")
+        if "/" not in self.root.strip("/") and not self.root:
+            raise ConfigError(f"dir={url!r}; expected s3://bucket/prefix")
+        self.last_upload_seconds: Optional[float] = None
+        self.last_upload_bytes: Optional[int] = None
+
+    def key(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def where(self, *parts: str) -> str:
+        return "/".join([self.url, *parts])
+
+    def _invalidate(self) -> None:
+        self.fs.invalidate_cache()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def upload(self, local: Path, owner_check: Any = None) -> None:
+        """Every file of a locally committed checkpoint, then its marker, then `latest`."""
+        started = time.perf_counter()
+        name = local.name
+        files = sorted(p for p in local.iterdir() if p.is_file() and p.name != COMMIT)
+        marker = (local / COMMIT).read_bytes()
+        expected = json.loads(marker)["files"]
+        self.fs.put([str(p) for p in files], [self.key(name, p.name) for p in files])
+        self._invalidate()
+        found = {Path(i["name"]).name: i["size"] for i in self.fs.ls(self.key(name), detail=True)}
+        for fname, (size, _) in expected.items():
+            if found.get(fname) != size:
+                raise CheckpointError(f"upload of {name}: {fname} is {found.get(fname)} bytes on {self.url}, "
+                                      f"{size} locally; no marker was uploaded")
+        if owner_check is not None:
+            owner_check()
+        self.fs.pipe_file(self.key(name, COMMIT), marker)
+        self.fs.pipe_file(self.key(LATEST), json.dumps({"checkpoint": name, "step": json.loads(marker)["step"]}).encode())
+        self.last_upload_seconds = time.perf_counter() - started
+        self.last_upload_bytes = sum(size for size, _ in expected.values()) + len(marker)
+
+    def prune(self, keep: int) -> None:
+        """Committed remote checkpoints beyond the newest `keep`, and unfinished uploads older than
+        the newest commit, are removed (markers first: a half-removed one is never trusted)."""
+        committed, unfinished = self.listing()
+        newest = committed[0][0] if committed else None
+        doomed = [n for _, n in committed[keep:]]
+        doomed += [n for s, n in unfinished if newest is not None and s < newest]
+        for name in doomed:
+            try:
+                if self.fs.exists(self.key(name, COMMIT)):
+                    self.fs.rm_file(self.key(name, COMMIT))
+                self.fs.rm(self.key(name), recursive=True)
+            except (OSError, FileNotFoundError) as e:
+                log.warning("checkpoint: could not remove %s (%s)", self.where(name), _short(e))
+        self._invalidate()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def listing(self) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """(committed, unfinished): [(step, name)] newest first, from the objects under the prefix."""
+        self._invalidate()
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return [], []
+        committed, unfinished = [], []
+        for entry in entries:
+            name = Path(entry).name
+            if not name.startswith("step_") or not name[5:].isdigit():
+                continue
+            step = int(name[5:])
+            (committed if self.fs.exists(self.key(name, COMMIT)) else unfinished).append((step, name))
+        return sorted(committed, reverse=True), sorted(unfinished, reverse=True)
+
+    def head(self) -> Optional[str]:
+        try:
+            return json.loads(self.fs.cat_file(self.key(LATEST)))["checkpoint"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    def download(self, name: str, into: Path) -> Optional[str]:
+        """Fetch `name` into the directory `into` (created); None if it is complete and matches its
+        marker's sizes and CRC-32C checksums, else why not (then `into` is removed)."""
+        from preemptible.checkpoint import why_invalid
+
+        shutil.rmtree(into, ignore_errors=True)
+        into.mkdir(parents=True)
+        try:
+            marker_bytes = self.fs.cat_file(self.key(name, COMMIT))
+            files = json.loads(marker_bytes)["files"]
+            present = {Path(i["name"]).name: i["size"] for i in self.fs.ls(self.key(name), detail=True)}
+            for fname, (size, _) in files.items():
+                if fname not in present:
+                    return self._drop(into, f"{fname} is missing on {self.url}")
+                if present[fname] != size:
+                    return self._drop(into, f"{fname} is {present[fname]} bytes on {self.url}, the commit says {size} "
+                                            "(truncated or changed)")
+            self.fs.get([self.key(name, f) for f in files], [str(into / f) for f in files])
+            (into / COMMIT).write_bytes(marker_bytes)
+        except (ValueError, KeyError, TypeError) as e:
+            return self._drop(into, f"its {COMMIT} object cannot be read ({_short(e)})")
+        why = why_invalid(into, verify=True)
+        return self._drop(into, why) if why else None
+
+    @staticmethod
+    def _drop(into: Path, why: str) -> str:
+        shutil.rmtree(into, ignore_errors=True)
+        return why
+
+
+class Uploader:
+    """Uploads locally committed checkpoints in one background thread, newest first: a newer
+    commit replaces one still waiting. A failed upload is logged (one line) and the next commit
+    tries again; `wait()` reports the last failure."""
+
+    def __init__(self, remote: Remote, keep: int, owner_check: Any = None):
+        self.remote, self.keep, self.owner_check = remote, keep, owner_check
+        self._lock = threading.Condition()
+        self._pending: Optional[Path] = None
+        self._busy = False
+        self._thread: Optional[threading.Thread] = None
+        self.uploaded: Optional[str] = None  # the newest checkpoint whose marker is on the store
+        self.error: Optional[str] = None     # why the newest attempt failed, if it did
+
+    def submit(self, local: Path) -> None:
+        with self._lock:
+            self._pending = local
+            self._lock.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="preemptible-upload", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while self._pending is None:
+                    self._lock.wait()
+                local, self._pending, self._busy = self._pending, None, True
+            try:
+                self.remote.upload(local, self.owner_check)
+                self.uploaded, self.error = local.name, None
+                log.info("checkpoint: %s uploaded to %s (%.1f MB in %.2fs)", local.name, self.remote.where(local.name),
+                         (self.remote.last_upload_bytes or 0) / 1e6, self.remote.last_upload_seconds or 0)
+                self.remote.prune(self.keep)
+            except Exception as e:  # noqa: BLE001 -- reported once, retried with the next commit
+                self.error = f"upload of {local.name} to {self.remote.url} failed ({_short(e)})"
+                log.warning("checkpoint: %s; it is committed locally, the remote head stays %s", self.error,
+                            self.uploaded or "none")
+            with self._lock:
+                self._busy = False
+                self._lock.notify_all()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """True once nothing is waiting or uploading (within `timeout` seconds)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._pending is not None or self._busy:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
+
+
+class RemoteLease:
+    """One run per prefix: the OWNER object, created only if absent, renewed only if still ours."""
+
+    def __init__(self, remote: Remote, wait: float = 120.0, stale_after: float = 30.0):
+        self.remote, self.wait_seconds, self.stale_after = remote, float(wait), float(stale_after)
+        self.token = uuid.uuid4().hex
+        self._etag: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.lost: Optional[str] = None
+
+    def _record(self) -> bytes:
+        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "renewed": time.time(), "stale_after": self.stale_after}).encode()
+
+    def _put(self, **condition: str) -> str:
+        s3 = self.remote.fs
+        bucket, _, key = self.remote.key(OWNER).partition("/")
+        resp = s3.call_s3("put_object", Bucket=bucket, Key=key, Body=self._record(), **condition)
+        return resp["ETag"]
+
+    def _read(self) -> tuple[Optional[dict], Optional[str]]:
+        s3 = self.remote.fs
+        bucket, _, key = self.remote.key(OWNER).partition("/")
+        try:
+            resp = s3.call_s3("get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None, None
+        body = _read_body(s3, resp)
+        try:
+            return json.loads(body), resp["ETag"]
+        except ValueError:
+            return {"unreadable": True}, resp["ETag"]
+
+    def acquire(self) -> "RemoteLease":
+        end = time.monotonic() + self.wait_seconds
+        while True:
+            owner, etag = self._read()
+            try:
+                if owner is None:
+                    self._etag = self._put(IfNoneMatch="*")
+                    break
+                age = time.time() - float(owner.get("renewed", 0))
+                if age > float(owner.get("stale_after", self.stale_after)):
+                    log.warning("checkpoint: %s's owner (%s, pid %s on %s) has not renewed its lease for %.0fs; "
+                                "taking it over", self.remote.url, owner.get("token", "?")[:8], owner.get("pid"),
+                                owner.get("host"), age)
+                    self._etag = self._put(IfMatch=etag)
+                    break
+            except OSError as e:
+                if not _precondition_failed(e):
+                    raise
+                continue  # someone else wrote it meanwhile: look again
+            if time.monotonic() > end:
+                raise ConfigError(f"dir={self.remote.url!r} is in use by another run (pid {owner.get('pid')} on "
+                                  f"{owner.get('host')}, lease renewed {age:.0f}s ago); waited {self.wait_seconds:g}s. "
+                                  "Stop that run, or wait until its lease is stale_after seconds old")
+            time.sleep(min(1.0, max(0.05, end - time.monotonic())))
+        self._thread = threading.Thread(target=self._renew, name="preemptible-remote-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.stale_after / 3):
+            try:
+                self._etag = self._put(IfMatch=self._etag)
+            except Exception as e:  # noqa: BLE001
+                if _precondition_failed(e):
+                    self.lost = f"another run took {self.remote.url} over"
+                    log.error("checkpoint: %s; this run uploads no more markers", self.lost)
+                    return
+                log.warning("checkpoint: renewing the lease on %s failed (%s); trying again", self.remote.url, _short(e))
+
+    def check(self) -> None:
+        if self.lost:
+            raise CheckpointError(f"{self.lost}: nothing more is committed there")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)  # a renewal stuck in retries (the store is gone) is not waited for
+        if self.lost is None and self._etag is not None:
+            try:
+                owner, etag = self._read()
+                if owner and owner.get("token") == self.token:
+                    bucket, _, key = self.remote.key(OWNER).partition("/")
+                    self.remote.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+            except Exception as e:  # noqa: BLE001 -- it goes stale on its own after stale_after seconds
+                log.warning("checkpoint: could not release the lease on %s (%s); it counts as gone after %gs",
+                            self.remote.url, _short(e), self.stale_after)
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """A conditional write refused (HTTP 412): s3fs turns it into an OSError carrying S3's message."""
+    text = f"{e!r} {e}"
+    return "PreconditionFailed" in text or "pre-conditions you specified did not hold" in text or " 412" in text
+
+
+def _read_body(s3: Any, resp: dict) -> bytes:
+    from fsspec.asyn import sync
+
+    async def read() -> bytes:
+        async with resp["Body"] as body:
+            return await body.read()
+
+    return sync(s3.loop, read)

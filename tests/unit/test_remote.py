@@ -1,0 +1,117 @@
+"""The object-storage tier piece by piece, against moto's S3 server on 127.0.0.1."""
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from s3_helpers import S3  # noqa: E402
+
+from preemptible import ConfigError  # noqa: E402
+from preemptible.checkpoint import Checkpointer, why_invalid  # noqa: E402
+from preemptible.remote import Remote, RemoteLease, Uploader  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def s3():
+    store = S3()
+    old = {k: os.environ.get(k) for k in store.env}
+    os.environ.update(store.env)
+    yield store
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    store.close()
+
+
+def _checkpoint(root, step, payload=b"x" * 5000):
+    """A locally committed checkpoint as Checkpointer writes one (files, marker with sizes and CRC-32C)."""
+    import crc32c
+
+    d = root / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    files = {".metadata": b"meta" + bytes([step]), "__0_0.distcp": payload + bytes([step])}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    marker = {"format": 2, "step": step, "world_size": 1, "lineage": "l", "line": [["l", None]],
+              "files": {n: [len(b), crc32c.crc32c(b)] for n, b in files.items()}}
+    (d / "COMMITTED").write_text(json.dumps(marker))
+    assert why_invalid(d, verify=True) is None
+    return d
+
+
+def test_upload_marker_last_then_download_verified(tmp_path, s3):
+    remote = Remote("s3://ckpt/u1")
+    local = _checkpoint(tmp_path / "a", 10)
+    remote.upload(local)
+    assert remote.listing() == ([(10, "step_00000010")], []) and remote.head() == "step_00000010"
+    assert remote.download("step_00000010", tmp_path / "b" / "step_00000010") is None
+    assert (tmp_path / "b" / "step_00000010" / "__0_0.distcp").read_bytes() == (local / "__0_0.distcp").read_bytes()
+    # an upload that stopped before its marker is listed as unfinished, never as committed
+    s3.put("u1/step_00000020/__0_0.distcp", b"partial")
+    assert remote.listing() == ([(10, "step_00000010")], [(20, "step_00000020")])
+    s3.put("u1/step_00000005/__0_0.distcp", b"left by a killed upload")
+    remote.prune(keep=1)  # unfinished and older than the newest commit: removed; newer: maybe in progress, kept
+    assert remote.listing() == ([(10, "step_00000010")], [(20, "step_00000020")])
+
+
+def test_a_flipped_byte_on_the_store_is_caught_on_download(tmp_path, s3):
+    remote = Remote("s3://ckpt/u2")
+    remote.upload(_checkpoint(tmp_path / "a", 5))
+    blob = bytearray(s3.get("u2/step_00000005/__0_0.distcp"))
+    blob[100] ^= 0x10
+    s3.put("u2/step_00000005/__0_0.distcp", bytes(blob))
+    why = remote.download("step_00000005", tmp_path / "b" / "step_00000005")
+    assert "does not match its checksum" in why and not (tmp_path / "b" / "step_00000005").exists()
+
+
+def test_uploader_takes_the_newest_and_prunes(tmp_path, s3):
+    remote = Remote("s3://ckpt/u3")
+    up = Uploader(remote, keep=2)
+    for step in (1, 2, 3, 4):
+        up.submit(_checkpoint(tmp_path, step))
+    assert up.wait(30) and up.error is None and up.uploaded == "step_00000004"
+    committed, _ = remote.listing()
+    assert committed[0] == (4, "step_00000004") and len(committed) <= 2
+
+
+def test_the_lease_refuses_a_second_owner_and_takes_over_a_stale_one(s3):
+    first = RemoteLease(Remote("s3://ckpt/u4"), wait=0.5, stale_after=60).acquire()
+    with pytest.raises(ConfigError, match=r"dir='s3://ckpt/u4' is in use by another run \(pid \d+"):
+        RemoteLease(Remote("s3://ckpt/u4"), wait=0.5, stale_after=60).acquire()
+    first._stop.set()  # the owner dies without releasing: its lease goes unrenewed
+    record = json.loads(s3.get("u4/OWNER"))
+    record["renewed"] -= 120
+    s3.put("u4/OWNER", json.dumps(record).encode())
+    second = RemoteLease(Remote("s3://ckpt/u4"), wait=0.5, stale_after=60).acquire()
+    assert json.loads(s3.get("u4/OWNER"))["token"] == second.token
+    # the old owner comes back: its next renewal (If-Match its old ETag) is refused, and it knows
+    first._stop.clear()
+    first.stale_after = 0.3
+    renewer = threading.Thread(target=first._renew, daemon=True)
+    renewer.start()
+    until = time.monotonic() + 5
+    while first.lost is None and time.monotonic() < until:
+        time.sleep(0.05)
+    first._stop.set()
+    assert first.lost and "took s3://ckpt/u4 over" in first.lost
+    with pytest.raises(Exception, match="nothing more is committed there"):
+        first.check()
+    second.release()
+    assert "u4/OWNER" not in s3.keys("u4/")
+
+
+def test_bad_remote_settings_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="local_dir='/x' is for a remote dir"):
+        Checkpointer(dir=str(tmp_path), local_dir="/x")
+    with pytest.raises(ConfigError, match="local_dir='s3://a/b'"):
+        Checkpointer(dir="s3://ckpt/x", local_dir="s3://a/b")
+    with pytest.raises(ConfigError, match="dir='nosuch://bucket/x'"):
+        Checkpointer(dir="nosuch://bucket/x")
