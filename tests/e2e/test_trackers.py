@@ -30,7 +30,7 @@ def _start(run_dir, *extra):
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_one_tracker_run_each_step_once_across_stop_kill_and_resumes(tmp_path, monkeypatch):
+def test_one_tracker_run_each_step_once_across_stops_a_kill_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a local file store only with it
     uri = "file://" + str(tmp_path / "mlruns")
     # 1: SIGTERM -> a stop with a checkpoint; the trackers say preempted
@@ -53,12 +53,17 @@ def test_one_tracker_run_each_step_once_across_stop_kill_and_resumes(tmp_path, m
     proc.communicate(timeout=60)
     killed_at = max(r["step"] for r in read_history(tmp_path).rows)
     assert killed_at == 35
-    # 3: resume to the end
+    # 3: resume, a second stop (SIGTERM); 4: resume to the end
+    proc = _start(tmp_path)
+    wait_for_step(tmp_path, 45, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    stop2 = events(tmp_path, "preempted")[1]["step"]
     proc = _start(tmp_path)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     resumed = [e["step"] for e in events(tmp_path, "resumed")]
-    assert resumed == [stop, 30], resumed  # the kill lost steps 31-35: computed again
+    assert resumed == [stop, 30, stop2], resumed  # the kill lost steps 31-35: computed again
 
     history = read_history(tmp_path)
     truth = {r["step"]: r["loss"] for r in history.rows}
@@ -71,9 +76,9 @@ def test_one_tracker_run_each_step_once_across_stop_kill_and_resumes(tmp_path, m
     assert [s for s, _ in tb] == list(range(1, STEPS + 1))
     assert all(abs(v - truth[s]) <= 1e-6 * max(1.0, abs(truth[s])) for s, v in tb)  # float32 in TensorBoard
 
-    # W&B: three offline segments of one run id; each step once, the exact values
+    # W&B: four offline segments of one run id; each step once, the exact values
     history_by_id = wandb_history(tmp_path)
-    assert len(history_by_id) == 1 and len(wandb_records(tmp_path)) == 3
+    assert len(history_by_id) == 1 and len(wandb_records(tmp_path)) == 4
     wb = [(s, v["loss"]) for s, v in next(iter(history_by_id.values())) if "loss" in v]
     assert [s for s, _ in wb] == list(range(1, STEPS + 1)) and all(v == truth[s] for s, v in wb)
 
@@ -83,28 +88,24 @@ def test_one_tracker_run_each_step_once_across_stop_kill_and_resumes(tmp_path, m
     ml = sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "loss"))
     assert [s for s, _ in ml] == list(range(1, STEPS + 1)) and all(v == truth[s] for s, v in ml)
     marks = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "events.preempted"))
-    assert marks == [stop]
+    assert marks == [stop, stop2]
+    _plot_and_check(tmp_path)
 
 
-def test_plot_a_run_with_two_stops(tmp_path):
-    """python -m preemptible plot: a PNG with each stop, resume and the time lost; printed per interruption."""
-    for sig_at in (12, 30):
-        proc = _start(tmp_path)
-        wait_for_step(tmp_path, sig_at, proc)
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=120)
-    proc = _start(tmp_path)
-    proc.communicate(timeout=180)
-    out = subprocess.run([sys.executable, "-m", "preemptible", "plot", str(tmp_path), "-o", str(tmp_path / "p.png")],
+def _plot_and_check(run_dir):
+    """python -m preemptible plot on the run above (two stops, a kill): a PNG with each stop, resume
+    and the time lost marked; one line printed per interruption."""
+    out = subprocess.run([sys.executable, "-m", "preemptible", "plot", str(run_dir), "-o", str(run_dir / "p.png")],
                          capture_output=True, text=True, timeout=120, cwd=REPO, env=ENV)
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if "resumed at step" in line]
-    assert len(lines) == 2 and all("SIGTERM at step" in line and "s lost" in line for line in lines), out.stdout
-    png = (tmp_path / "p.png").read_bytes()
+    assert len(lines) == 3 and all("s lost" in line for line in lines), out.stdout
+    assert lines[0].startswith("SIGTERM at step") and lines[1].startswith("killed at step 35 -> resumed at step 30")
+    png = (run_dir / "p.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     from matplotlib.image import imread
 
-    image = imread(str(tmp_path / "p.png"))
+    image = imread(str(run_dir / "p.png"))
     assert image.shape[0] > 400 and image.shape[1] > 900
     # the red stop lines and green resume lines are drawn: pixels of those colours exist
     rgb = image[..., :3]
