@@ -86,6 +86,12 @@ def test_azure_preempt_event_for_this_vm_only():
         assert notice.source == "azure" and "Preempt" in notice.detail
         assert abs(notice.deadline - server.deadline) < 1.01 and 43 < notice.lead_seconds <= 45.5
         assert all(status != 400 for _, _, status in server.requests)  # the Metadata header was always sent
+        import urllib.request
+        import urllib.error
+
+        with pytest.raises(urllib.error.HTTPError) as e:  # the service itself refuses a request without it
+            urllib.request.urlopen(f"{server.url}/metadata/scheduledevents?api-version=2020-07-01", timeout=2)
+        assert e.value.code == 400
 
 
 @pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])

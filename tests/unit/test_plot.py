@@ -1,0 +1,46 @@
+"""The picture and the interruption accounting, from a metrics.jsonl written by hand."""
+
+import json
+
+import pytest
+
+from preemptible import ConfigError
+from preemptible.plot import interruptions, plot_run
+
+
+def _write(run_dir, rows):
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_skipped_save_a_kill_and_a_restart_after_done(tmp_path):
+    t = 1000.0
+    rows = [{"step": s, "loss": 5 - s * 0.1, "lr": 1e-3, "time": t + s} for s in range(1, 11)]
+    rows += [{"event": "preempted", "step": 10, "signal": "SIGTERM", "checkpoint": None,
+              "save_skipped": "a save takes ~30.0s but only 2.0s of the 5s grace period are left", "time": t + 10.5}]
+    rows += [{"event": "resumed", "step": 5, "time": t + 20}]  # from the periodic checkpoint at 5
+    rows += [{"step": s, "loss": 5 - s * 0.1, "lr": 1e-3, "time": t + 15 + s} for s in range(6, 16)]
+    rows += [{"event": "resumed", "step": 12, "time": t + 40}]  # after a SIGKILL at 15 (no event)
+    rows += [{"step": s, "loss": 5 - s * 0.1, "lr": 1e-3, "time": t + 28 + s} for s in range(13, 21)]
+    rows += [{"event": "done", "step": 20, "time": t + 49}, {"event": "resumed", "step": 20, "time": t + 60},
+             {"event": "done", "step": 20, "time": t + 61}]
+    _write(tmp_path, rows)
+    found = interruptions(tmp_path)
+    assert [(i.reason, i.stop_step, i.resume_step, i.save_skipped) for i in found] == [
+        ("SIGTERM", 10, 5, True), ("killed", 15, 12, False)]  # the start after done is no interruption
+    # lost: from step 5's first completion (t+5) to the first step after the resume (t+21), less a step
+    assert found[0].lost_seconds == pytest.approx(15.0)
+    assert found[1].lost_seconds == pytest.approx((t + 41) - (t + 27) - 1.0)
+    out = plot_run(tmp_path, tmp_path / "x.png")
+    from matplotlib.image import imread
+
+    rgb = imread(str(out))[..., :3]
+    orange = ((rgb[..., 0] > 0.9) & (rgb[..., 1] > 0.4) & (rgb[..., 1] < 0.6) & (rgb[..., 2] < 0.2)).sum()
+    assert orange > 50  # the skipped save is drawn (orange, dotted)
+
+
+def test_plot_needs_a_run_with_steps(tmp_path):
+    with pytest.raises(ConfigError, match="has no metrics.jsonl"):
+        plot_run(tmp_path)
+    _write(tmp_path, [{"event": "resumed", "step": 0}])
+    with pytest.raises(ConfigError, match="no steps yet"):
+        plot_run(tmp_path)
