@@ -2,7 +2,7 @@
 
     python tests/scripts/tracked_loop.py RUN_DIR [--steps 60] [--interval 10] [--step-seconds 0.02]
 
-tests/e2e/test_trackers.py stops it (SIGTERM), kills it (SIGKILL) and resumes it, then reads each
+tests/e2e/test_recipe_trackers.py stops it (SIGTERM), kills it (SIGKILL) and resumes it, then reads each
 tracker back.
 """
 

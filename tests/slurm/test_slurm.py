@@ -68,6 +68,20 @@ def test_usr2_checkpoint_requeue_resume(cluster, tmp_path, reference):
     assert_resumed_equal(tmp_path, reference, restarts=1)
 
 
+def test_a_notice_stops_and_requeues_like_a_signal(cluster, tmp_path, reference):
+    """The stop file under SLURM: both tasks stop at one step (exit 75), rank 0 requeues the job as
+    for a signal, the requeued job removes the stop file and finishes equal to the uninterrupted run."""
+    jid = submit(cluster, tmp_path, "--requeue", overrides=[f"trainer.max_steps={STEPS}", "notices.poll_seconds=0.2"])
+    wait_for_step(tmp_path, 20, _Job(cluster, jid))
+    (tmp_path / "STOP").touch()
+    info = cluster.wait(jid, {"COMPLETED"}, timeout=180)
+    assert int(info["Restarts"]) == 1
+    preempted = events(tmp_path, "preempted")
+    assert preempted[0]["signal"] == "notice (stop_file)" and preempted[0]["ranks"] == {"0": "notice (stop_file)"}
+    assert "tasks exited with status 75" in job_log(tmp_path) and not (tmp_path / "STOP").exists()
+    assert_resumed_equal(tmp_path, reference, restarts=1)
+
+
 def test_partition_preemption(cluster, tmp_path, reference):
     jid = submit(cluster, tmp_path, "--requeue", "--partition=debug", "--signal=B:USR2@600",
                  overrides=[f"trainer.max_steps={STEPS}"])
