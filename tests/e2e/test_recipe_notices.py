@@ -27,7 +27,7 @@ def test_aws_notice_then_a_stop_file_every_rank_stops_together_and_resumes_bit_i
     """2 ranks: an EC2 spot notice (IMDSv2) stops both at one step (exit 75 from the workers); a stop
     file left from that stop is removed at the next start; touching it mid-run stops again; the
     third run finishes equal to the uninterrupted run, every step's loss and the final weights."""
-    common = [f"trainer.max_steps={STEPS}", "checkpoint.interval=10"]
+    common = [f"trainer.max_steps={STEPS}", "checkpoint.interval=10", "tracker=tensorboard"]  # + the tracker wiring
     with MetadataServer("aws", lead_seconds=120) as server:
         proc = start(tmp_path, *common, *_cloud(server, "aws"), nproc=2)
         code, out = _stop_when(proc, tmp_path, 8, server.notify)
@@ -59,6 +59,10 @@ def test_aws_notice_then_a_stop_file_every_rank_stops_together_and_resumes_bit_i
     done, ref = events(tmp_path, "done"), events(reference[2], "done")
     assert done[-1]["params_sha256"] == ref[-1]["params_sha256"]
     assert losses(tmp_path) == losses(reference[2])
+    # tracker=tensorboard from the command line: one log directory, each step once across both stops
+    from tracker_readers import tensorboard_scalars
+
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "tensorboard", "loss")] == list(range(1, STEPS + 1))
 
 
 def test_azure_notice_whose_deadline_has_passed_skips_the_save_and_gcp_stops_with_75(tmp_path):

@@ -118,20 +118,3 @@ def test_plot_refuses_what_is_not_a_run(tmp_path):
     out = subprocess.run([sys.executable, "-m", "preemptible", "plot", str(tmp_path)], capture_output=True,
                          text=True, timeout=60, cwd=REPO)
     assert out.returncode == 2 and "has no metrics.jsonl" in out.stderr
-
-
-def test_the_recipe_chooses_a_tracker_from_config(tmp_path, monkeypatch):
-    """tracker=tensorboard and tracker=mlflow from the command line: the recipe's wiring, rank 0 of 2."""
-    from recipe_helpers import run
-
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    code, out = run(tmp_path / "tb", "trainer.max_steps=12", "tracker=tensorboard", nproc=2)
-    assert code == 0, out[-3000:]
-    assert [s for s, _ in tensorboard_scalars(tmp_path / "tb" / "tensorboard", "loss")] == list(range(1, 13))
-    uri = "file://" + str(tmp_path / "mlruns")
-    code, out = run(tmp_path / "ml", "trainer.max_steps=12", "tracker=mlflow", f"tracker.tracking_uri={uri}",
-                    "tracker.experiment=recipe")
-    assert code == 0, out[-3000:]
-    client, runs = mlflow_runs(uri, "recipe")
-    assert len(runs) == 1 and runs[0].data.params["optim.lr"] == "0.001" and runs[0].info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "lr")] == list(range(1, 13))

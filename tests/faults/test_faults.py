@@ -205,5 +205,5 @@ def test_random_preemptions_lose_nothing(tmp_path):
     a concurrent second run and going back forced in, then random interruptions."""
     sys.path.insert(0, os.path.dirname(__file__))
     from chaos import chaos
-    summary = chaos(tmp_path, interruptions=3, seed=3, steps=80, nproc=3, kinds=("second_run", "go_back"))
+    summary = chaos(tmp_path, interruptions=3, seed=3, steps=60, nproc=3, kinds=("second_run", "go_back"))
     assert summary["interruptions"] == 3

@@ -55,31 +55,28 @@ def assert_resumed_equal(run_dir, reference, restarts):
     assert len(events(run_dir, "resumed")) >= restarts
 
 
-def test_usr2_checkpoint_requeue_resume(cluster, tmp_path, reference):
-    jid = submit(cluster, tmp_path, "--requeue", overrides=[f"trainer.max_steps={STEPS}"])
-    wait_for_step(tmp_path, 20, _Job(cluster, jid))
-    cluster.run("scancel", "--signal=USR2", "--batch", jid)  # as --signal=B:USR2@N delivers it
-    info = cluster.wait(jid, {"COMPLETED"}, timeout=180)
-    assert int(info["Restarts"]) == 1
-    preempted = events(tmp_path, "preempted")
-    assert preempted[0]["signal"] == "SIGUSR2" and set(preempted[0]["ranks"]) == {"0", "1"}
-    log = job_log(tmp_path)
-    assert "forwarding to the tasks" in log and "restart 1" in log
-    assert_resumed_equal(tmp_path, reference, restarts=1)
-
-
-def test_a_notice_stops_and_requeues_like_a_signal(cluster, tmp_path, reference):
-    """The stop file under SLURM: both tasks stop at one step (exit 75), rank 0 requeues the job as
-    for a signal, the requeued job removes the stop file and finishes equal to the uninterrupted run."""
+def test_usr2_checkpoint_requeue_resume_then_a_notice_requeues_alike(cluster, tmp_path, reference):
+    """USR2 to the batch shell: both tasks stop at one step, rank 0 requeues, the job resumes; then
+    the stop file (a notice) in the requeued job: the same (exit 75, requeued again), and the stop
+    file is removed by the next start; the job completes equal to the uninterrupted run."""
     jid = submit(cluster, tmp_path, "--requeue", overrides=[f"trainer.max_steps={STEPS}", "notices.poll_seconds=0.2"])
     wait_for_step(tmp_path, 20, _Job(cluster, jid))
+    cluster.run("scancel", "--signal=USR2", "--batch", jid)  # as --signal=B:USR2@N delivers it
+    deadline = time.monotonic() + 180
+    while not events(tmp_path, "resumed") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first = events(tmp_path, "preempted")[0]
+    wait_for_step(tmp_path, first["step"] + 30, _Job(cluster, jid))
     (tmp_path / "STOP").touch()
-    info = cluster.wait(jid, {"COMPLETED"}, timeout=180)
-    assert int(info["Restarts"]) == 1
+    info = cluster.wait(jid, {"COMPLETED"}, timeout=240)
+    assert int(info["Restarts"]) == 2
     preempted = events(tmp_path, "preempted")
-    assert preempted[0]["signal"] == "notice (stop_file)" and preempted[0]["ranks"] == {"0": "notice (stop_file)"}
-    assert "tasks exited with status 75" in job_log(tmp_path) and not (tmp_path / "STOP").exists()
-    assert_resumed_equal(tmp_path, reference, restarts=1)
+    assert preempted[0]["signal"] == "SIGUSR2" and set(preempted[0]["ranks"]) == {"0", "1"}
+    assert preempted[1]["signal"] == "notice (stop_file)" and preempted[1]["ranks"] == {"0": "notice (stop_file)"}
+    log = job_log(tmp_path)
+    assert "forwarding to the tasks" in log and "restart 1" in log and "restart 2" in log
+    assert "tasks exited with status 75" in log and not (tmp_path / "STOP").exists()
+    assert_resumed_equal(tmp_path, reference, restarts=2)
 
 
 def test_partition_preemption(cluster, tmp_path, reference):
