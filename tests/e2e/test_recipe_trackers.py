@@ -93,11 +93,17 @@ def test_one_tracker_run_each_step_once_across_stops_a_kill_and_resumes(tmp_path
 
 
 def _plot_and_check(run_dir):
-    """python -m preemptible plot on the run above (two stops, a kill): a PNG with each stop, resume
-    and the time lost marked; one line printed per interruption."""
-    out = subprocess.run([sys.executable, "-m", "preemptible", "plot", str(run_dir), "-o", str(run_dir / "p.png")],
-                         capture_output=True, text=True, timeout=120, cwd=REPO, env=ENV)
-    assert out.returncode == 0, out.stderr
+    """`python -m preemptible plot` (its main(), in this process) on the run above (two stops, a kill):
+    a PNG with each stop, resume and the time lost marked; one line printed per interruption."""
+    import contextlib
+    import io
+
+    from preemptible.__main__ import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["plot", str(run_dir), "-o", str(run_dir / "p.png")]) == 0
+    out = type("Out", (), {"stdout": printed.getvalue()})
     lines = [line for line in out.stdout.splitlines() if "resumed at step" in line]
     assert len(lines) == 3 and all("s lost" in line for line in lines), out.stdout
     assert lines[0].startswith("SIGTERM at step") and lines[1].startswith("killed at step 35 -> resumed at step 30")
