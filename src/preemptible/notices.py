@@ -314,9 +314,11 @@ class Notices:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop polling. A request in flight is not waited for (at most `timeout` s, in a daemon
+        thread): leaving a run, often inside a grace period, never waits on a metadata service."""
         self._halt.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.timeout + 1)
+            self._thread.join(timeout=0.1)
 
     def _run(self) -> None:
         if self.cloud == "auto":
