@@ -54,7 +54,9 @@ class Remote:
         except ImportError:
             raise ConfigError(f"dir={url!r} needs fsspec and s3fs: pip install 'preemptible[s3]'") from None
         try:
-            self.fs, path = fsspec.core.url_to_fs(url)
+            # A filesystem of its own: fsspec's instance cache would hand back one made earlier in
+            # the process, bound to the endpoint and credentials of that moment.
+            self.fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)
         except (ImportError, ValueError) as e:
             raise ConfigError(f"dir={url!r}: {_short(e)}; for s3:// pip install 'preemptible[s3]'") from None
         self.url = url.rstrip("/")
