@@ -61,7 +61,7 @@ class Remote:
             raise ConfigError(f"dir={url!r}: {_short(e)}; for s3:// pip install 'preemptible[s3]'") from None
         self.url = url.rstrip("/")
         self.root = path.rstrip("/")
-        if "/" not in self.root.strip("/") and not self.root:
+        if not self.root:
             raise ConfigError(f"dir={url!r}; expected s3://bucket/prefix")
         self.last_upload_seconds: Optional[float] = None
         self.last_upload_bytes: Optional[int] = None

@@ -17,6 +17,13 @@ from preemptible.preemption import EXIT_NOTICE, Stop, exit_status, save_skip_rea
 from preemptible.stop import NOTICE, reason_name  # noqa: E402
 
 
+def _wait_for(got, seconds=5.0):
+    """Until the poller's thread has reported a notice (or `seconds` passed)."""
+    until = time.monotonic() + seconds
+    while not got and time.monotonic() < until:
+        time.sleep(0.02)
+
+
 def _closed_port_url():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -117,10 +124,7 @@ def test_an_unreachable_endpoint_is_logged_once_and_polling_goes_on(caplog):
         server.httpd = type(server.httpd)(("127.0.0.1", port), server.httpd.RequestHandlerClass)
         with server.start():  # the service comes up on the same address: polling picks it up
             server.notify()
-            for _ in range(100):
-                if got:
-                    break
-                time.sleep(0.05)
+            _wait_for(got)
             notices.stop()
     warned = [r for r in caplog.records if "cannot be read" in r.getMessage()]
     assert len(warned) == 1, [r.getMessage() for r in caplog.records]
@@ -143,10 +147,7 @@ def test_a_slow_service_times_out_without_blocking(caplog):
             time.sleep(1.0)
             server.delay = 0.0
             server.notify()
-            for _ in range(100):
-                if got:
-                    break
-                time.sleep(0.05)
+            _wait_for(got)
             notices.stop()
         assert got and got[0].source == "gcp"
         assert len([r for r in caplog.records if "cannot be read" in r.getMessage()]) == 1
@@ -159,10 +160,7 @@ def test_stop_file_in_the_run_directory(tmp_path):
     time.sleep(0.2)
     assert not got
     (tmp_path / "STOP").touch()
-    for _ in range(100):
-        if got:
-            break
-        time.sleep(0.05)
+    _wait_for(got)
     notices.stop()
     assert got[0].source == "stop_file" and got[0].deadline is None and got[0].lead_seconds is None
     # a stop file left from before is removed at the next start, before polling
@@ -190,10 +188,7 @@ def test_a_custom_source_and_one_that_raises(caplog):
     with caplog.at_level(logging.WARNING, logger="preemptible.notices"):
         n = Notices(stop_file=None, poll_seconds=0.02, sources=[Flaky()])
         n.start("/nonexistent", got.append)
-        for _ in range(200):
-            if got:
-                break
-            time.sleep(0.02)
+        _wait_for(got)
         n.stop()
     assert got and got[0].source == "flaky"
     assert len([r for r in caplog.records if "cannot be read" in r.getMessage()]) == 1
