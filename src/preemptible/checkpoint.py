@@ -94,6 +94,25 @@ def _zip_crc32(enabled: bool) -> Iterator[None]:
         torch.serialization.set_crc32_options(before)
 
 
+PROBE_BYTES = 4 << 20  # written (and fsync'd) once at setup: the write speed an untimed save is estimated from
+
+
+def _write_speed(probe: Path, durable: bool) -> float:
+    """Bytes per second of one PROBE_BYTES write to `probe` (removed again), fsync'd if `durable`."""
+    block = os.urandom(1 << 20)
+    started = time.perf_counter()
+    try:
+        with open(probe, "wb") as f:
+            for _ in range(PROBE_BYTES >> 20):
+                f.write(block)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+    return PROBE_BYTES / max(time.perf_counter() - started, 1e-4)
+
+
 def step_of(path: Path) -> Optional[int]:
     m = _STEP_DIR.match(Path(path).name)
     return int(m.group(1)) if m else None
@@ -262,6 +281,7 @@ class Checkpointer:
         self.head: Optional[str] = None  # the head checkpoint (name under root, or an absolute path)
         self.last_committed_step: Optional[int] = None
         self.last_save_seconds: Optional[float] = None  # start to commit, of the latest save
+        self.write_bytes_per_s: Optional[float] = None  # measured at setup (a PROBE_BYTES write)
         self.owner_check: Any = None  # () -> None, raises if the run no longer owns its directory
         self._inflight: Optional[tuple] = None  # step, partial, final, future, start time, writer
         self._staging: Any = None  # completes once the background copy of the state is taken
@@ -283,8 +303,7 @@ class Checkpointer:
         probe = self.root / f".write-probe-rank{rank}-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe.write_text("ok")
-            probe.unlink()
+            self.write_bytes_per_s = _write_speed(probe, self.fsync)
         except OSError as e:
             raise ConfigError(f"dir={str(self.root)!r} is not writable ({e.strerror}); "
                               "choose a writable directory with dir=PATH") from None

@@ -5,8 +5,10 @@ run's rank 0 and holds who owns the directory: host, pid, job id, since when, an
 While the run lives, a background thread renews it (rewrites it every `heartbeat` seconds; the
 contents carry a counter, so a renewal changes them). A second run that finds the lease:
 
-- on the same host with the owner's pid gone (or reused by another process): the owner was
-  killed; the lease is stale at once;
+- on the same host, in the same PID namespace and the same boot, with the owner's pid gone (or
+  reused by another process): the owner was killed; the lease is stale at once. A pid means
+  nothing across PID namespaces (containers share a hostname with the old job's container, and
+  `unshare --pid` gives a fresh numbering), so there the owner is judged like one on another host;
 - otherwise it watches the lease: renewals mean the owner is alive (a requeued job starting while
   the old one still saves), and the newcomer waits, up to `wait` seconds; a lease unchanged for
   `stale_after` seconds *of the newcomer's own clock* belongs to a dead owner on another host (no
@@ -50,6 +52,25 @@ def _process_start(pid: int) -> Optional[str]:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _identity(kind: str) -> Optional[str]:
+    """This process's PID namespace ('pidns': the inode of /proc/self/ns/pid) or boot ('boot': the
+    kernel's boot id): a pid identifies a process only where both match."""
+    try:
+        if kind == "pidns":
+            return os.readlink("/proc/self/ns/pid")
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def same_process_space(owner: dict[str, Any]) -> bool:
+    """Whether `owner`'s pid can be looked up here: same host, PID namespace and boot (all known)."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    mine = (_identity("pidns"), _identity("boot"))
+    return None not in mine and (owner.get("pidns"), owner.get("boot")) == mine
 
 
 def describe(owner: dict[str, Any]) -> str:
@@ -128,7 +149,8 @@ class RunLease:
     def _new_record(self, beat: int) -> str:
         if not self.record:
             self.record = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
-                           "job": _job_id(), "since": time.time(), "token": self.token}
+                           "pidns": _identity("pidns"), "boot": _identity("boot"), "job": _job_id(),
+                           "since": time.time(), "token": self.token}
         return json.dumps({**self.record, "beat": beat, "renewed": time.time()})
 
     def _create(self) -> bool:
@@ -157,7 +179,7 @@ class RunLease:
             return {}  # torn or foreign: judged by staleness alone
 
     def _dead_reason(self, owner: dict[str, Any], unchanged_for: float) -> Optional[str]:
-        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+        if same_process_space(owner):
             start = _process_start(owner["pid"])
             if start is None:
                 return f"its process {owner['pid']} is gone"

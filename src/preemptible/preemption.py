@@ -61,25 +61,30 @@ def agreed_stop(handler, step: int, notices: Any = None) -> Stop:
     return stop
 
 
-def save_skip_reason(stop: Stop, grace_period: Optional[float], save_estimate: float) -> Optional[str]:
-    """None if a save fits before the grace period ends (KILL comes), else why it is skipped.
+def save_decision(stop: Stop, grace_period: Optional[float], estimate: float,
+                  must_follow: Optional[str] = None) -> tuple[Optional[str], Optional[str]]:
+    """(skip, risk) for a stop's save, the same on every rank (rank 0 decides, one broadcast).
 
-    A save that cannot finish only burns the time left; the last committed checkpoint stays the
-    one to resume from. Rank 0 decides; every rank gets its answer.
+    risk: why the save may not finish before the kill (the grace period's end or a notice's
+    deadline, against `estimate` seconds), or None. A save cut off by the kill commits nothing,
+    so trying loses nothing that skipping would keep: the save is tried anyway. It is skipped
+    (skip == risk) only where trying can do harm: `must_follow` names what has to happen after
+    the save and before the kill (a SLURM requeue: a job killed mid-save is not requeued).
     """
-    reason = None
+    risk = None
     if grace_period is not None and math.isfinite(stop.first_seen):
         left = grace_period - (time.time() - stop.first_seen)
-        if save_estimate > left:
-            reason = (f"a save takes ~{save_estimate:.1f}s but only {max(left, 0):.1f}s of the "
-                      f"{grace_period:g}s grace period are left")
-    if reason is None and stop.deadline is not None:
+        if estimate > left:
+            risk = (f"a save takes ~{estimate:.1f}s but only {max(left, 0):.1f}s of the "
+                    f"{grace_period:g}s grace period are left")
+    if risk is None and stop.deadline is not None:
         left = stop.deadline - time.time()
-        if save_estimate > left:
+        if estimate > left:
             source = min(stop.notices.values(), key=lambda n: n.get("deadline") or math.inf)["source"]
-            reason = (f"a save takes ~{save_estimate:.1f}s but the {source} notice's deadline is "
-                      f"{'in ' + format(left, '.1f') + 's' if left > 0 else 'past'}")
-    return broadcast_object(reason)
+            risk = (f"a save takes ~{estimate:.1f}s but the {source} notice's deadline is "
+                    f"{'in ' + format(left, '.1f') + 's' if left > 0 else 'past'}")
+    skip = f"{risk}, and {must_follow} must follow the save" if risk and must_follow else None
+    return broadcast_object((skip, risk))
 
 
 def gather_objects(obj: Any, group: Any = None) -> list[Any]:

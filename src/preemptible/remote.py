@@ -257,18 +257,27 @@ class RemoteLease:
             return {"unreadable": True}, resp["ETag"]
 
     def acquire(self) -> "RemoteLease":
+        """Own the prefix, waiting up to `wait` s for a live owner. Liveness is judged by watching
+        the lease object change (every renewal is a new write, so a new ETag), timed by this
+        process's own monotonic clock: an object unchanged for the owner's `stale_after` seconds
+        is stale. No clock of another machine is compared with ours (a skewed owner renewing
+        normally is never taken over)."""
         end = time.monotonic() + self.wait_seconds
+        seen, seen_since = None, time.monotonic()
         while True:
             owner, etag = self._read()
+            if etag != seen:
+                seen, seen_since = etag, time.monotonic()
+            unchanged = time.monotonic() - seen_since
+            stale_after = _owner_stale_after(owner, self.stale_after)
             try:
                 if owner is None:
                     self._etag = self._put(IfNoneMatch="*")
                     break
-                age = time.time() - float(owner.get("renewed", 0))
-                if age > float(owner.get("stale_after", self.stale_after)):
-                    log.warning("checkpoint: %s's owner (%s, pid %s on %s) has not renewed its lease for %.0fs; "
-                                "taking it over", self.remote.url, owner.get("token", "?")[:8], owner.get("pid"),
-                                owner.get("host"), age)
+                if unchanged >= stale_after:
+                    log.warning("checkpoint: %s's owner (%s, pid %s on %s) has not renewed its lease for %.0fs "
+                                "(watched here); taking it over", self.remote.url, str(owner.get("token", "?"))[:8],
+                                owner.get("pid"), owner.get("host"), unchanged)
                     self._etag = self._put(IfMatch=etag)
                     break
             except OSError as e:
@@ -277,9 +286,10 @@ class RemoteLease:
                 continue  # someone else wrote it meanwhile: look again
             if time.monotonic() > end:
                 raise ConfigError(f"dir={self.remote.url!r} is in use by another run (pid {owner.get('pid')} on "
-                                  f"{owner.get('host')}, lease renewed {age:.0f}s ago); waited {self.wait_seconds:g}s. "
-                                  "Stop that run, or wait until its lease is stale_after seconds old")
-            time.sleep(min(1.0, max(0.05, end - time.monotonic())))
+                                  f"{owner.get('host')}; its lease changed {unchanged:.0f}s ago, watched for "
+                                  f"{self.wait_seconds:g}s). Stop that run, or wait: a lease unchanged for "
+                                  f"{stale_after:g}s counts as its owner's death")
+            time.sleep(min(0.25, max(0.05, end - time.monotonic())))
         self._thread = threading.Thread(target=self._renew, name="preemptible-remote-lease", daemon=True)
         self._thread.start()
         return self
@@ -312,6 +322,14 @@ class RemoteLease:
             except Exception as e:  # noqa: BLE001 -- it goes stale on its own after stale_after seconds
                 log.warning("checkpoint: could not release the lease on %s (%s); it counts as gone after %gs",
                             self.remote.url, _short(e), self.stale_after)
+
+
+def _owner_stale_after(owner: Optional[dict], default: float) -> float:
+    """The owner's own stale_after (it renews at a third of it), if it is a sane number."""
+    value = owner.get("stale_after") if isinstance(owner, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 86400:
+        return float(value)
+    return default
 
 
 def _precondition_failed(e: BaseException) -> bool:

@@ -35,18 +35,21 @@ import torch.distributed as dist
 from preemptible import faults, slurm
 from preemptible.checkpoint import Checkpointer
 from preemptible.distributed import barrier, broadcast_object, exit_run, is_distributed, let_gloo_workers_finish
+from preemptible.checks import seconds
 from preemptible.errors import CheckpointError, ConfigError
 from preemptible.metrics import Metrics
 from preemptible.notices import Notices
 from preemptible.trackers import TrackerFeed
 from preemptible.ownership import RunLease
-from preemptible.preemption import Stop, agreed_stop, end_time, exit_status, save_skip_reason, want_requeue
-from preemptible.state import ModelOptimState, from_blob, params_sha256, rng_state, set_rng_state, to_blob
+from preemptible.preemption import Stop, agreed_stop, end_time, exit_status, save_decision, want_requeue
+from preemptible.state import (ModelOptimState, from_blob, params_sha256, rng_state, set_rng_state, state_nbytes,
+                               to_blob)
 from preemptible.stop import NOTICE, Deadline, reason_name
 
 log = logging.getLogger("preemptible.run")
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+SAVE_OVERHEAD = 0.5  # seconds a save costs beyond writing its bytes (collectives, metadata, the commit)
 _RESERVED = ("model_optim", "model", "lr_schedule", "progress")
 _UNSET = object()
 
@@ -139,8 +142,9 @@ class Run:
     notices:      preemption notices that are not signals (`preemptible.Notices`: a cloud's spot notice,
                   a stop file), voted like a signal; default Notices(): `touch <dir>/STOP` stops the run.
                   None: off. A notice's deadline, when it names one, decides whether the save still fits.
-    save_guess, margin: seconds a save is assumed to take until measured, and kept in hand, for
-                  the time limits.
+    save_guess:   seconds a save is assumed to take until one was timed (None, the default: estimated
+                  from the state's bytes and the write speed measured at start; `save_estimate()`).
+    margin:       seconds kept in hand beyond a step and a save before a time limit.
     requeue:      'auto' (under SLURM, when the job allows it), True or False: rank 0 requeues the
                   job after a stop's checkpoint is committed.
     tracker:      an experiment tracker (`preemptible.trackers.TensorBoard`, `WandB`, `MLflow`) or a list of
@@ -166,7 +170,7 @@ class Run:
                  check_every: Any = "auto", max_latency: float = 1.0, stop_check: str = "reduce",
                  max_time: Optional[float] = None, slurm_time_limit: bool = True, grace_period: Optional[float] = None,
                  notices: Any = _UNSET, tracker: Any = None,
-                 save_guess: float = 30.0, margin: float = 5.0, requeue: Any = "auto",
+                 save_guess: Optional[float] = None, margin: float = 5.0, requeue: Any = "auto",
                  exit_code_on_stop: Optional[int] = None, log_every: int = 10, log_file: Optional[str] = None,
                  lease_wait: float = 120.0, stale_after: float = 30.0, param_digests: Any = "done",
                  meta: Optional[dict[str, Any]] = None, seed: int = 0):
@@ -243,7 +247,9 @@ class Run:
         self.notices: Optional[Notices] = notices
         trackers = [] if tracker is None else list(tracker) if isinstance(tracker, (list, tuple)) else [tracker]
         self._feed = TrackerFeed(trackers)  # validates on every rank; fed on rank 0 only
-        self.deadline = Deadline(end_time(max_time, slurm_time_limit), save_guess, margin)
+        seconds("save_guess", save_guess, none_ok=True)
+        self.save_guess = save_guess
+        self.deadline = Deadline(end_time(max_time, slurm_time_limit), margin)
         if self.deadline.end is not None and handler is None:
             raise ConfigError("max_time and SLURM time limits need signal handling to agree on the stop step; "
                               "pass signals= (not None), or max_time=None and slurm_time_limit=False")
@@ -281,6 +287,8 @@ class Run:
         self._check_between = lambda: False
         self._mid_step = False  # the stop was agreed by should_stop() (inside a step or an eval)
         self._dcp: dict[str, Any] = {}
+        self._state_bytes: Optional[int] = None
+        self._optimizer_counted = False
         try:
             Metrics(str(self.dir), enabled=False, max_steps=0, log_every=log_every)
         except ValueError as e:
@@ -561,7 +569,7 @@ class Run:
         if loss is not None or metrics or self._lr is not None:
             self.metrics.step(self.step, loss, self._lr, **metrics)
         self.deadline.step_done()
-        if self.handler is not None and self.deadline.expired(self.checkpointer.last_save_seconds):
+        if self.handler is not None and self.deadline.end is not None and self.deadline.expired(self.save_estimate()[0]):
             self.handler.request_stop()  # the time limit is near: voted like a signal
         faults.inject("step", self.step)
         if self._check():
@@ -572,6 +580,24 @@ class Run:
         self.checkpointer.poll()
         self._feed.committed(self.checkpointer.last_committed_step)
         return False
+
+    def save_estimate(self) -> tuple[float, str]:
+        """(seconds, basis): how long a save takes. The last measured save; else `save_guess` if
+        given; else this rank's state bytes at the write speed measured when the run started, plus
+        a fixed SAVE_OVERHEAD (the collectives, the commit)."""
+        cp = self.checkpointer
+        if cp.last_save_seconds is not None:
+            return cp.last_save_seconds, "the last save took that long"
+        if self.save_guess is not None:
+            return float(self.save_guess), "save_guess"
+        if self._state_bytes is None or (self.optimizer is not None and not self._optimizer_counted
+                                         and self.optimizer.state):
+            self._optimizer_counted = self.optimizer is not None and bool(self.optimizer.state)
+            self._state_bytes = state_nbytes(self.model, self.optimizer)
+        speed = cp.write_bytes_per_s or 100e6
+        mib = self._state_bytes / 2**20
+        return (SAVE_OVERHEAD + self._state_bytes / speed,
+                f"no save timed yet: {mib:.1f} MiB at the {speed / 2**20:.0f} MiB/s measured at start")
 
     def should_stop(self) -> bool:
         """The agreed stop check, usable between micro-batches and eval batches (every rank must call
@@ -633,8 +659,12 @@ class Run:
             self.exit_code = 0
             return
         stop = self.stop
-        estimate = cp.last_save_seconds or self.deadline.save_guess
-        skipped = save_skip_reason(stop, self.grace_period, estimate)
+        estimate, basis = self.save_estimate()
+        requeue = self.rank == 0 and want_requeue(self.requeue)
+        skipped, risk = save_decision(stop, self.grace_period, estimate, "a SLURM requeue" if requeue else None)
+        if risk and not skipped:
+            log.warning("%s (%s); saving anyway: a save cut off by the kill commits nothing, and the last "
+                        "committed checkpoint stays the one to resume from", risk, basis)
         self.last_checkpoint = None if skipped else cp.save(self.step, self._dcp)
         extra: dict[str, Any] = {"save_skipped": skipped} if skipped else {}
         if cp.uploader is not None and self.last_checkpoint is not None:

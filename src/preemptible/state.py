@@ -102,3 +102,21 @@ def params_sha256(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def state_nbytes(model: Optional[torch.nn.Module], optimizer: Any = None) -> int:
+    """Bytes this rank writes for the model (parameters, buffers) and the optimizer's state: what
+    a save's duration is estimated from before one was timed. A DTensor counts its local shard."""
+    def size(t: Any) -> int:
+        if not torch.is_tensor(t):
+            return 0
+        local = t.to_local() if hasattr(t, "to_local") else t
+        return local.numel() * local.element_size()
+
+    total = 0
+    if model is not None:
+        total += sum(size(p) for p in model.parameters()) + sum(size(b) for b in model.buffers())
+    if optimizer is not None:
+        for per_param in optimizer.state.values():
+            total += sum(size(v) for v in per_param.values()) if isinstance(per_param, dict) else 0
+    return total

@@ -189,14 +189,16 @@ class Deadline:
     """Stop while there is still time for one more step and one save before the end.
 
     `end`: Unix time the job is killed (SLURM's end time, or start + trainer.max_time).
-    Step durations are measured as the run goes (an EMA); the save's is the last measured one,
-    `save_guess` seconds until a save was measured.
+    Step durations are measured as the run goes (an EMA); `expired(save_seconds)` is given the
+    save's estimate (the last measured save, else one from the state's bytes and the measured
+    write speed: `Run.save_estimate()`).
     """
 
-    def __init__(self, end: Optional[float], save_guess: float = 30.0, margin: float = 5.0):
-        if save_guess < 0 or margin < 0:
-            raise ValueError(f"save_guess={save_guess} and margin={margin} must be >= 0 seconds")
-        self.end, self.save_guess, self.margin = end, save_guess, margin
+    def __init__(self, end: Optional[float], margin: float = 5.0):
+        from preemptible.checks import seconds
+
+        seconds("margin", margin)
+        self.end, self.margin = end, margin
         self.step_seconds = 0.0
         self._last = time.time()
 
@@ -208,10 +210,9 @@ class Deadline:
     def remaining(self) -> Optional[float]:
         return None if self.end is None else self.end - time.time()
 
-    def expired(self, save_seconds: Optional[float] = None) -> bool:
+    def expired(self, save_seconds: float = 0.0) -> bool:
         """True once the time left no longer covers a step, a save and the margin."""
         left = self.remaining()
         if left is None:
             return False
-        save = save_seconds if save_seconds is not None else self.save_guess
-        return left < self.step_seconds + save + self.margin
+        return left < self.step_seconds + save_seconds + self.margin

@@ -56,14 +56,18 @@ def test_kubernetes_style_term_to_every_process_at_once(tmp_path):
     assert stop["checkpoint"] and set(stop["ranks"]) == {"0", "1"}
 
 
-def test_grace_period_too_short_for_a_save_skips_it_and_says_so(tmp_path):
+def test_grace_period_too_short_for_a_save_that_a_requeue_must_follow_skips_it_and_says_so(tmp_path):
+    """A save that may not fit is tried anyway (a cut-off one commits nothing), except where a
+    requeue must follow it: a job killed mid-save would not be requeued."""
     code, log = run(tmp_path, "trainer.max_steps=20", "checkpoint.interval=10")
     assert code == 0
-    proc = start(tmp_path, STEPS, "checkpoint.interval=0", "scheduler.grace_period=0.5", "scheduler.save_guess=30")
+    proc = start(tmp_path, STEPS, "checkpoint.interval=0", "scheduler.grace_period=0.5", "scheduler.save_guess=30",
+                 "scheduler.requeue=true")
     wait_for_step(tmp_path, 30, proc)  # resumed at 20
     os.kill(proc.pid, signal.SIGTERM)
     code, log = _stop(proc)
     stop = events(tmp_path, "preempted")[0]
     assert code == 143 and stop["checkpoint"] is None and "grace period" in stop["save_skipped"], log
+    assert "a SLURM requeue must follow the save" in stop["save_skipped"], log
     assert "without saving" in log and "the resume starts from step_00000020" in log
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000010", "step_00000020"]

@@ -13,7 +13,7 @@ from metadata_servers import MetadataServer  # noqa: E402
 
 from preemptible import ConfigError, Notice, Notices  # noqa: E402
 from preemptible.notices import AwsSpot, AzureScheduledEvents, GcpPreempted, StopFile, detect_cloud  # noqa: E402
-from preemptible.preemption import EXIT_NOTICE, Stop, exit_status, save_skip_reason  # noqa: E402
+from preemptible.preemption import EXIT_NOTICE, Stop, exit_status, save_decision  # noqa: E402
 from preemptible.stop import NOTICE, reason_name  # noqa: E402
 
 
@@ -215,10 +215,14 @@ def test_stop_reason_exit_status_and_the_deadline_rule():
     stop = Stop(NOTICE, 7, notices={"0": Notice("aws", seen=now, deadline=now + 3).as_dict()}, deadline=now + 3)
     assert stop.reason == "notice (aws)" and reason_name(NOTICE) == "notice"
     assert exit_status(stop, None) == EXIT_NOTICE == 75 and exit_status(stop, 0) == 0
-    # the deadline decides whether the save fits: 10 s do not fit in 3, 1 s does
-    assert "aws notice's deadline is in" in save_skip_reason(stop, None, 10.0)
-    assert save_skip_reason(stop, None, 1.0) is None
+    # the deadline decides whether the save may not fit: it is tried anyway (a save cut off commits
+    # nothing), and skipped only when something must follow it (a SLURM requeue)
+    skip, risk = save_decision(stop, None, 10.0)
+    assert skip is None and "aws notice's deadline is in" in risk
+    skip, risk = save_decision(stop, None, 10.0, "a SLURM requeue")
+    assert "aws notice's deadline is in" in skip and "a SLURM requeue must follow" in skip
+    assert save_decision(stop, None, 1.0, "a SLURM requeue") == (None, None)
     stop.deadline = now - 1
-    assert "deadline is past" in save_skip_reason(stop, None, 0.5)
-    # no deadline (a stop file): no skip
-    assert save_skip_reason(Stop(NOTICE, 7, notices={"0": Notice("stop_file").as_dict()}), None, 1e6) is None
+    assert "deadline is past" in save_decision(stop, None, 0.5)[1]
+    # no deadline (a stop file): no risk
+    assert save_decision(Stop(NOTICE, 7, notices={"0": Notice("stop_file").as_dict()}), None, 1e6) == (None, None)

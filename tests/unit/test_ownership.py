@@ -146,3 +146,30 @@ def test_racing_newcomers_take_a_stale_lease_once(tmp_path):
 def test_bad_lease_settings_name_the_argument(tmp_path, kwargs, words):
     with pytest.raises(ConfigError, match=words):
         RunLease(tmp_path, **kwargs)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not __import__("shutil").which("unshare"),
+                    reason="a second PID namespace needs root and unshare(1)")
+def test_an_owner_in_another_pid_namespace_on_the_same_host_is_judged_by_its_renewals(tmp_path):
+    """Containers share a hostname but not pid numbers: the owner, pid 1 of its own PID namespace
+    (`unshare --pid --fork --mount-proc`), is alive and renewing; the newcomer here sees pid 1 as
+    another process (init), which must not count as the owner's death. Once the owner is killed,
+    its lease goes stale after stale_after seconds without renewals, and is taken over."""
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-c", HOLDER,
+                             str(tmp_path), "2", "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "owned"
+        owner = json.loads((tmp_path / LEASE).read_text())
+        assert owner["pid"] == 1 and owner["pidns"] != os.readlink("/proc/self/ns/pid")
+        with pytest.raises(ConfigError, match="is in use by another run"):
+            RunLease(tmp_path, wait=3.0, stale_after=2.0).acquire()  # 1.5x stale_after: renewals seen
+        assert json.loads((tmp_path / LEASE).read_text())["token"] == owner["token"]
+    finally:
+        proc.kill()  # --kill-child: the owner (pid 1 there) dies with unshare
+        proc.wait()
+    started = time.monotonic()
+    lease = RunLease(tmp_path, wait=10.0, stale_after=2.0).acquire()
+    try:
+        assert 1.5 <= time.monotonic() - started < 8  # judged by its renewals stopping, not by a pid
+    finally:
+        lease.release()

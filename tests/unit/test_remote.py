@@ -83,14 +83,13 @@ def test_uploader_takes_the_newest_and_prunes(tmp_path, s3):
 
 
 def test_the_lease_refuses_a_second_owner_and_takes_over_a_stale_one(s3):
-    first = RemoteLease(Remote("s3://ckpt/u4"), wait=0.5, stale_after=60).acquire()
+    first = RemoteLease(Remote("s3://ckpt/u4"), wait=0.5, stale_after=1).acquire()
     with pytest.raises(ConfigError, match=r"dir='s3://ckpt/u4' is in use by another run \(pid \d+"):
-        RemoteLease(Remote("s3://ckpt/u4"), wait=0.5, stale_after=60).acquire()
+        RemoteLease(Remote("s3://ckpt/u4"), wait=1.5, stale_after=1).acquire()  # renewals seen: alive
     first._stop.set()  # the owner dies without releasing: its lease goes unrenewed
-    record = json.loads(s3.get("u4/OWNER"))
-    record["renewed"] -= 120
-    s3.put("u4/OWNER", json.dumps(record).encode())
-    second = RemoteLease(Remote("s3://ckpt/u4"), wait=0.5, stale_after=60).acquire()
+    started = time.monotonic()
+    second = RemoteLease(Remote("s3://ckpt/u4"), wait=5, stale_after=1).acquire()
+    assert 0.9 <= time.monotonic() - started < 4  # watched unchanged for the owner's stale_after
     assert json.loads(s3.get("u4/OWNER"))["token"] == second.token
     # the old owner comes back: its next renewal (If-Match its old ETag) is refused, and it knows
     first._stop.clear()
@@ -106,6 +105,29 @@ def test_the_lease_refuses_a_second_owner_and_takes_over_a_stale_one(s3):
         first.check()
     second.release()
     assert "u4/OWNER" not in s3.keys("u4/")
+
+
+class _SkewedLease(RemoteLease):
+    """An owner whose clock is `behind` seconds behind ours: every record it writes says so."""
+    behind = 60.0
+
+    def _record(self) -> bytes:
+        record = json.loads(super()._record())
+        record["renewed"] -= self.behind
+        return json.dumps(record).encode()
+
+
+def test_an_owner_whose_clock_is_a_minute_behind_is_never_taken_over_while_it_renews(s3):
+    """Judged by comparing clocks, its lease looks 60 s old (stale after 1 s); judged by watching
+    its renewals, it is alive: the newcomer waits, then refuses, and the owner keeps the prefix."""
+    owner = _SkewedLease(Remote("s3://ckpt/skew"), wait=0, stale_after=1).acquire()
+    try:
+        with pytest.raises(ConfigError, match="is in use by another run"):
+            RemoteLease(Remote("s3://ckpt/skew"), wait=3, stale_after=1).acquire()
+        assert json.loads(s3.get("skew/OWNER"))["token"] == owner.token and owner.lost is None
+        owner.check()
+    finally:
+        owner.release()
 
 
 def test_bad_remote_settings_are_named(tmp_path):

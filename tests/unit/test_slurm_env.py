@@ -26,11 +26,12 @@ def test_deadline_keeps_a_step_and_a_save_in_hand(monkeypatch):
     import time
     now = time.time()
     assert not Deadline(None).expired()
-    d = Deadline(now + 100, save_guess=30, margin=5)
+    d = Deadline(now + 100, margin=5)
     d.step_seconds = 10
-    assert not d.expired()                  # 100 s left > 10 + 30 + 5
-    assert d.expired(save_seconds=90)       # a measured save of 90 s no longer fits
-    assert Deadline(now + 40, save_guess=30, margin=5).expired() is False
-    assert Deadline(now + 30, save_guess=30, margin=5).expired() is True
-    with pytest.raises(ValueError, match="save_guess=-1"):
-        Deadline(now, save_guess=-1)
+    assert not d.expired(save_seconds=30)   # 100 s left > 10 + 30 + 5
+    assert d.expired(save_seconds=90)       # a save of 90 s no longer fits
+    assert Deadline(now + 40, margin=5).expired(30) is False
+    assert Deadline(now + 30, margin=5).expired(30) is True
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="margin="):
+            Deadline(now, margin=bad)

@@ -47,7 +47,7 @@ def validate(cfg: DictConfig) -> None:
                           "(128 + the signal number)")
     _bool("trainer.param_digests", trainer.param_digests)
     _number("scheduler.grace_period", scheduler.grace_period, low=0, strict=True, none_ok=True)
-    _number("scheduler.save_guess", scheduler.save_guess, low=0)
+    _number("scheduler.save_guess", scheduler.save_guess, low=0, none_ok=True)
     _number("scheduler.margin", scheduler.margin, low=0)
     _bool("scheduler.time_limit", scheduler.time_limit)
     _number("ownership.wait", cfg.ownership.wait, low=0)

@@ -1,0 +1,54 @@
+"""The validation rules every argument goes through, written once: each raises a one-line
+`ConfigError` naming the argument, the value, and what fits.
+
+Numbers must be finite (a `nan` compares false with everything: a limit of `nan` seconds would
+never fire), booleans must be real booleans (`'no'` and `2` are not taken as true), and paths
+must be strings or path objects (`123` is not a directory name).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from preemptible.errors import ConfigError
+
+
+def number(name: str, value: Any, *, low: float = 0.0, strict: bool = False, none_ok: bool = False,
+           integer: bool = False, unit: str = "") -> None:
+    """`value` is a finite int (or float unless `integer`) >= `low` (> `low` if `strict`), or None if `none_ok`."""
+    if value is None and none_ok:
+        return
+    kinds = (int,) if integer else (int, float)
+    ok = (not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
+          and (value > low if strict else value >= low))
+    if not ok:
+        what = "an int" if integer else (unit or "a number")
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise ConfigError(f"{name}={value!r}; expected {what} {bound}{' (finite)' if not integer else ''}"
+                          f"{' or null' if none_ok else ''}")
+
+
+def seconds(name: str, value: Any, *, strict: bool = False, none_ok: bool = False) -> None:
+    number(name, value, low=0, strict=strict, none_ok=none_ok, unit="seconds")
+
+
+def boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}; expected true or false")
+
+
+def path(name: str, value: Any, *, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name}={value!r}; expected a directory path{' or null' if none_ok else ''}")
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message` (one line for a log or an error)."""
+    text = str(e).splitlines()[0][:limit] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
