@@ -671,7 +671,8 @@ class Checkpointer:
             files[p.name] = [size, recorded[1]]
         world = dist.get_world_size() if is_distributed() else 1
         marker = {"format": FORMAT, "step": step, "world_size": world, "time": time.time(), "files": files,
-                  "lineage": self.line[-1][0], "line": self.line, "parent": self.head, **self.meta}
+                  "lineage": self.line[-1][0], "line": self.line, "parent": self.head}
+        marker = {**self.meta, **marker}  # the marker's own keys win
         _write_atomic(partial / COMMIT, json.dumps(marker), self.fsync)
         for f in partial.glob(f"{SUMS_PREFIX}*.json"):
             f.unlink()

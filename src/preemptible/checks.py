@@ -26,8 +26,9 @@ def number(name: str, value: Any, *, low: float = 0.0, strict: bool = False, non
     if not ok:
         what = "an int" if integer else (unit or "a number")
         bound = f"> {low:g}" if strict else f">= {low:g}"
-        raise ConfigError(f"{name}={value!r}; expected {what} {bound}{' (finite)' if not integer else ''}"
-                          f"{' or null' if none_ok else ''}")
+        odd = isinstance(value, float) and not math.isfinite(value)
+        raise ConfigError(f"{name}={value!r}; expected {what} {bound}{' or null' if none_ok else ''}"
+                          f"{' (a finite value)' if odd else ''}")
 
 
 def seconds(name: str, value: Any, *, strict: bool = False, none_ok: bool = False) -> None:

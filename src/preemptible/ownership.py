@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from preemptible.checks import seconds
 from preemptible.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,8 @@ class RunLease:
 
     def __init__(self, directory: str | os.PathLike, wait: float = 120.0, stale_after: float = 30.0,
                  heartbeat: Optional[float] = None):
-        for name, value in (("wait", wait), ("stale_after", stale_after)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{name}={value!r}; expected seconds >= 0")
-        if stale_after <= 0:
-            raise ConfigError(f"stale_after={stale_after!r}; expected seconds > 0")
+        seconds("wait", wait)
+        seconds("stale_after", stale_after, strict=True)
         self.path = Path(directory) / LEASE
         self.wait, self.stale_after = float(wait), float(stale_after)
         self.heartbeat = float(heartbeat) if heartbeat is not None else self.stale_after / 6

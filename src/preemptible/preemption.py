@@ -14,6 +14,7 @@ import torch
 
 from preemptible import slurm
 from preemptible.distributed import broadcast_object
+from preemptible.checks import seconds
 from preemptible.errors import ConfigError
 from preemptible.signal_handler import all_gather_item
 from preemptible.stop import DEADLINE, NOTICE, reason_name
@@ -102,8 +103,7 @@ def end_time(max_time: Any, slurm_time_limit: bool) -> Optional[float]:
     """When this run must be done: start + `max_time` seconds and/or SLURM's end time."""
     ends = []
     if max_time is not None:
-        if isinstance(max_time, bool) or not isinstance(max_time, (int, float)) or max_time <= 0:
-            raise ConfigError(f"max_time={max_time!r}; expected seconds > 0 or null")
+        seconds("max_time", max_time, strict=True, none_ok=True)
         ends.append(time.time() + max_time)
     if slurm_time_limit and slurm.job_id():
         end = slurm.job_end_time()

@@ -22,6 +22,7 @@ batch taken from it ahead of time belongs to the next step, and a resume takes i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -35,15 +36,15 @@ import torch.distributed as dist
 from preemptible import faults, slurm
 from preemptible.checkpoint import Checkpointer
 from preemptible.distributed import barrier, broadcast_object, exit_run, is_distributed, let_gloo_workers_finish
-from preemptible.checks import seconds
+from preemptible.checks import boolean, path as check_path, seconds
 from preemptible.errors import CheckpointError, ConfigError
 from preemptible.metrics import Metrics
 from preemptible.notices import Notices
 from preemptible.trackers import TrackerFeed
 from preemptible.ownership import RunLease
 from preemptible.preemption import Stop, agreed_stop, end_time, exit_status, save_decision, want_requeue
-from preemptible.state import (ModelOptimState, from_blob, params_sha256, rng_state, set_rng_state, state_nbytes,
-                               to_blob)
+from preemptible.state import (ModelOptimState, PlainValues, check_plain, from_blob, params_sha256, rng_state,
+                               set_rng_state, state_nbytes, to_blob)
 from preemptible.stop import NOTICE, Deadline, reason_name
 
 log = logging.getLogger("preemptible.run")
@@ -64,6 +65,12 @@ def renamed(error: ConfigError, names: dict[str, str]) -> ConfigError:
     return new
 
 
+def _is_handler(obj: Any) -> bool:
+    """What Run uses of a handler (DistributedSignalHandler's interface)."""
+    return all(callable(getattr(obj, name, None)) for name in
+               ("__enter__", "release", "should_stop", "request_stop", "signals_received", "signals_by_rank"))
+
+
 def _stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
@@ -80,6 +87,11 @@ class _Progress:
         run = self.run
         return {"step": run.step, "world_size": run.world_size, "epoch": run._boundary["epoch"],
                 "position": run._boundary.get("position"), "values": to_blob(dict(run.values))}
+
+    def check(self) -> None:
+        """Before a save: the values still read back (a list in them may have been changed in place)."""
+        for key, value in self.run.values.items():
+            check_plain(value, f"run.values[{key!r}]")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loaded = dict(state)
@@ -105,6 +117,41 @@ class _RankState:
         if self.run.data is not None and loaded.get("data") is not None:
             self.run.data.load_state_dict(loaded["data"])
         self.run._epoch = int(loaded.get("epoch", 0))
+
+
+# What a commit marker holds of its own; meta= cannot replace these.
+MARKER_KEYS = ("format", "step", "world_size", "time", "files", "lineage", "line", "parent", "marker_crc32c")
+
+
+def _check_meta(meta: Any) -> None:
+    """meta= goes into every commit marker (JSON): plain JSON data, under keys of its own."""
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise ConfigError(f"meta={meta!r}; expected a dict of JSON data (str keys) or None")
+    for key, value in meta.items():
+        if not isinstance(key, str) or key in MARKER_KEYS:
+            raise ConfigError(f"meta key {key!r}: expected a str other than {', '.join(MARKER_KEYS)}")
+        try:
+            json.dumps(value, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"meta[{key!r}] is not JSON data ({e}); store str, numbers, bools, None, lists "
+                              "and dicts (x.isoformat() for a datetime, x.tolist() for a tensor)") from None
+
+
+def _check_optimizer(optimizer: Any, model: Any) -> None:
+    """Every parameter the optimizer steps must be the model's (an optimizer built on another model
+    would make every save fail)."""
+    if optimizer is None or model is None:
+        return
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list):
+        raise ConfigError(f"optimizer={type(optimizer).__name__}; expected a torch.optim.Optimizer")
+    mine = {id(p) for p in model.parameters()}
+    foreign = sum(1 for g in groups for p in g.get("params", []) if id(p) not in mine)
+    if foreign:
+        raise ConfigError(f"optimizer= holds {foreign} parameter(s) that are not model='s; build the optimizer "
+                          "from the model you pass (after wrapping it in DDP or fully_shard)")
 
 
 def _process_start_time() -> Optional[float]:
@@ -197,6 +244,8 @@ class Run:
                                   "pass plain values in values= instead")
         if values is not None and not isinstance(values, dict):
             raise ConfigError(f"values={values!r}; expected a dict of plain values")
+        _check_meta(meta)
+        _check_optimizer(optimizer, model)
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
             raise ConfigError(f"max_steps={max_steps!r}; expected an int >= 0 or None")
         if stop_check not in ("reduce", "gradients", "all_gather"):
@@ -204,9 +253,17 @@ class Run:
         if exit_code_on_stop is not None and (isinstance(exit_code_on_stop, bool) or not isinstance(exit_code_on_stop, int)
                                               or not 0 <= exit_code_on_stop <= 255):
             raise ConfigError(f"exit_code_on_stop={exit_code_on_stop!r}; expected an int from 0 to 255 or None")
-        if grace_period is not None and (isinstance(grace_period, bool) or not isinstance(grace_period, (int, float))
-                                         or grace_period <= 0):
-            raise ConfigError(f"grace_period={grace_period!r}; expected seconds > 0 or None")
+        seconds("grace_period", grace_period, strict=True, none_ok=True)
+        boolean("slurm_time_limit", slurm_time_limit)
+        check_path("checkpoint_dir", checkpoint_dir, none_ok=True)
+        if checkpointer is not None and not isinstance(checkpointer, Checkpointer):
+            raise ConfigError(f"checkpointer={type(checkpointer).__name__}; expected a preemptible.checkpoint."
+                              "Checkpointer (or None: one built from interval=, keep=, ...)")
+        if handler is not _UNSET and handler is not None and not _is_handler(handler):
+            raise ConfigError(f"handler={type(handler).__name__}; expected a preemptible.DistributedSignalHandler "
+                              "(or None: no signal handling)")
+        if stop_check == "gradients" and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise ConfigError("stop_check=gradients needs a DDP model with more than one rank; use reduce")
         if param_digests not in ("done", True, False):
             raise ConfigError(f"param_digests={param_digests!r}; expected 'done', True or False")
         if log_file is not None and (not isinstance(log_file, str) or not log_file or os.sep in log_file):
@@ -220,7 +277,7 @@ class Run:
         want_requeue(requeue)  # validated now, not at the stop
         if checkpointer is None:
             try:
-                checkpointer = Checkpointer(dir=None if checkpoint_dir is None else str(checkpoint_dir),
+                checkpointer = Checkpointer(dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
                                             interval=interval, keep=keep, resume=str(resume), async_save=async_save,
                                             verify=verify, keep_abandoned=keep_abandoned)
             except ConfigError as e:
@@ -256,7 +313,8 @@ class Run:
 
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
         self.extra = state
-        self.values: dict[str, Any] = dict(values or {})
+        self.values: dict[str, Any] = PlainValues()
+        self.values.update(values or {})
         self.max_steps = max_steps
         self.checkpointer, self.handler = checkpointer, handler
         self.stop_check, self.grace_period, self.requeue = stop_check, grace_period, requeue
@@ -576,7 +634,7 @@ class Run:
             self.stop = agreed_stop(self.handler, self.step, self.notices)
             return True
         if self.checkpointer.due(self.step):
-            self.last_checkpoint = self.checkpointer.save(self.step, self._dcp, wait=False)
+            self.last_checkpoint = self._save(wait=False)
         self.checkpointer.poll()
         self._feed.committed(self.checkpointer.last_committed_step)
         return False
@@ -616,8 +674,12 @@ class Run:
     def save(self) -> Path:
         """Save now and wait for the commit (collective: every rank calls it)."""
         self._require_entered("save")
-        self.last_checkpoint = self.checkpointer.save(self.step, self._dcp)
+        self.last_checkpoint = self._save()
         return self.last_checkpoint
+
+    def _save(self, wait: bool = True) -> Path:
+        self._dcp["progress"].check()  # never a checkpoint that no resume could load
+        return self.checkpointer.save(self.step, self._dcp, wait=wait)
 
     def _require_entered(self, what: str) -> None:
         if not self._entered or self.metrics is None:
@@ -649,7 +711,7 @@ class Run:
         cp = self.checkpointer
         faults.inject("final_save", self.step)
         if self.stop is None:
-            self.last_checkpoint = cp.save(self.step, self._dcp)
+            self.last_checkpoint = self._save()
             self.metrics.event("done", step=self.step, params_sha256=self._digest(always=self.param_digests != False),
                                checkpoint=str(self.last_checkpoint))
             log.info("done at step %d", self.step)
@@ -665,7 +727,7 @@ class Run:
         if risk and not skipped:
             log.warning("%s (%s); saving anyway: a save cut off by the kill commits nothing, and the last "
                         "committed checkpoint stays the one to resume from", risk, basis)
-        self.last_checkpoint = None if skipped else cp.save(self.step, self._dcp)
+        self.last_checkpoint = None if skipped else self._save()
         extra: dict[str, Any] = {"save_skipped": skipped} if skipped else {}
         if cp.uploader is not None and self.last_checkpoint is not None:
             extra["uploaded"] = self._wait_upload(stop, cp)

@@ -38,6 +38,14 @@ SignalLike = Union[int, str, signal.Signals]  # as NeMo Automodel's module names
 SignalSpec = Any  # SignalLike or a sequence of them
 _ACCEPTED = "a signal.Signals, an int, a name such as 'SIGUSR2' or 'usr2', or a list of those"
 _UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+# Not a request to stop: sent routinely for other reasons (a child exited, the terminal was resized,
+# urgent socket data, a stopped process continued), or a fault the process itself raised.
+_NOT_A_STOP = {getattr(signal, n): why for n, why in (
+    ("SIGCHLD", "every child process's exit sends it (DataLoader workers, subprocesses)"),
+    ("SIGWINCH", "a terminal resize sends it"), ("SIGURG", "urgent socket data sends it"),
+    ("SIGCONT", "it resumes a stopped process"), ("SIGSEGV", "it is a memory fault of this process"),
+    ("SIGBUS", "it is a memory fault of this process"), ("SIGFPE", "it is an arithmetic fault of this process"),
+    ("SIGILL", "it is an illegal instruction in this process")) if hasattr(signal, n)}
 _WORKING_BACKENDS = "'nccl' (CUDA tensors) and 'gloo' (CPU tensors)"
 
 
@@ -56,6 +64,9 @@ def _one_signal(value: Any) -> signal.Signals:
         raise ValueError(f"signal {value!r} has {kind}; expected {_ACCEPTED}") from None
     if sig in _UNCATCHABLE:
         raise ValueError(f"{sig.name} cannot be caught by any process; choose a catchable signal such as SIGTERM or SIGUSR2")
+    if sig in _NOT_A_STOP:
+        raise ValueError(f"{sig.name} is not a stop request ({_NOT_A_STOP[sig]}); choose SIGTERM, SIGINT, SIGHUP, "
+                         "SIGUSR1 or SIGUSR2")
     return sig
 
 
@@ -284,8 +295,11 @@ class DistributedSignalHandler:
         _check_group_spec(group)
         if local_rank is not None and (isinstance(local_rank, bool) or not isinstance(local_rank, int) or local_rank < 0):
             raise ValueError(f"local_rank={local_rank!r}; expected a non-negative int or None")
-        if escalate_after < 0:
-            raise ValueError(f"escalate_after={escalate_after!r}; expected seconds >= 0")
+        from preemptible.checks import boolean, seconds
+
+        seconds("escalate_after", escalate_after)
+        for name, value in (("chain", chain), ("escalate", escalate), ("pipelined", pipelined)):
+            boolean(name, value)
         self._group_spec = group
         self._group: Optional[dist.ProcessGroup] = None
         self._group_built = False

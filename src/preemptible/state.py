@@ -64,6 +64,44 @@ def from_blob(blob: Any, what: str) -> Any:
                                     f"{str(e).splitlines()[0][:200] if str(e) else ''}); it was not loaded") from None
 
 
+PLAIN = "None, bool, int, float, str, bytes, tensors, and lists, tuples and dicts of these"
+
+
+def check_plain(value: Any, where: str) -> None:
+    """ConfigError unless `value` reads back from a blob (what a resume does): the test of
+    whether a checkpoint holding it can be resumed at all."""
+    from preemptible.errors import ConfigError, UnsafeCheckpointError
+
+    try:
+        from_blob(to_blob(value), where)
+    except (UnsafeCheckpointError, Exception) as e:  # noqa: BLE001 -- unpicklable, or not loadable safely
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise ConfigError(f"{where}={shown} ({type(value).__name__}) is not plain data a resume can load; store "
+                          f"{PLAIN} (float(x) for a NumPy scalar, x.isoformat() for a datetime)") from None
+
+
+class PlainValues(dict):
+    """`Run.values`: a dict that refuses, at the assignment, a value no resume could load."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if not isinstance(key, str):
+            from preemptible.errors import ConfigError
+
+            raise ConfigError(f"run.values key {key!r}: expected a str")
+        check_plain(value, f"run.values[{key!r}]")
+        super().__setitem__(key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+
 class ModelOptimState:
     """DCP `Stateful` for a model and its optimizer (or the model alone) via torch's state-dict
     helpers: one process, DDP and FSDP2 alike."""

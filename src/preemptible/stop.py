@@ -66,8 +66,9 @@ class AgreedMax:
                  device: Optional[torch.device] = None, max_latency: float = 1.0):
         if every != "auto" and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"check_every={every!r}; expected an int >= 1 (1 = every step) or 'auto'")
-        if not max_latency > 0:
-            raise ValueError(f"max_latency={max_latency!r}; expected seconds > 0")
+        from preemptible.checks import seconds
+
+        seconds("max_latency", max_latency, strict=True)
         self.group, self.auto, self.pipelined, self.max_latency = group, every == "auto", pipelined, max_latency
         self.fixed = 1 if self.auto else every
         self.device = device or torch.device("cpu")

@@ -156,12 +156,55 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path):
     ({"max_time": 10, "signals": None}, "need signal handling"),
     ({"notices": "aws"}, "notices='aws'; expected a preemptible.Notices or None"),
     ({"notices": Notices(cloud="aws"), "signals": None}, "need signal handling to agree on the stop step"),
+    # values that would pass silently: nan never fires a limit, a string is not a bool
+    ({"max_time": float("nan")}, "max_time=nan; expected seconds > 0 or null (a finite value)"),
+    ({"save_guess": float("nan")}, "save_guess=nan"),
+    ({"margin": float("inf")}, "margin=inf"),
+    ({"grace_period": float("nan")}, "grace_period=nan"),
+    ({"lease_wait": float("nan")}, "lease_wait=nan"),
+    ({"stale_after": float("inf")}, "stale_after=inf"),
+    ({"slurm_time_limit": "no"}, "slurm_time_limit='no'; expected true or false"),
+    ({"checkpoint_dir": 123}, "checkpoint_dir=123; expected a directory path"),
+    ({"signals": "SIGCHLD"}, "SIGCHLD is not a stop request"),
+    ({"signals": ["SIGTERM", "SIGWINCH"]}, "SIGWINCH is not a stop request"),
+    # one line, not a traceback later
+    ({"handler": object()}, "handler=object; expected a preemptible.DistributedSignalHandler"),
+    ({"checkpointer": object()}, "checkpointer=object; expected a preemptible.checkpoint.Checkpointer"),
+    ({"max_latency": "x"}, "max_latency='x'; expected seconds > 0"),
+    ({"stop_check": "gradients"}, "stop_check=gradients needs a DDP model"),
+    ({"meta": {"when": __import__("datetime").datetime(2026, 1, 1)}}, "meta['when'] is not JSON data"),
+    ({"meta": {"files": 1}}, "meta key 'files'"),
+    ({"values": {"best": __import__("numpy").float32(1.5)}}, "run.values['best']=np.float32(1.5) (float32) is not plain data"),
+    ({"values": {"when": __import__("fractions").Fraction(1, 3)}}, "run.values['when']=Fraction(1, 3)"),
+    ({"optimizer": torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1)}, "optimizer= holds 2 parameter(s)"),
 ])
 def test_bad_arguments_name_the_argument_and_write_nothing(tmp_path, kwargs, words):
     with pytest.raises(ConfigError) as e:
         Run(tmp_path / "run", model=torch.nn.Linear(1, 1), **kwargs)
     assert words in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_value_no_resume_could_load_is_refused_at_the_assignment_and_at_the_save(tmp_path):
+    """np.float32 saves fine but no resume loads it: refused where it is assigned, and (changed in
+    place inside a list) at the save; the checkpoints that exist stay resumable."""
+    import numpy as np
+
+    model = torch.nn.Linear(1, 1)
+    run = Run(tmp_path / "run", model=model, values={"seen": []}, max_steps=3, interval=1, signals=None)
+    with pytest.raises(ConfigError, match=r"run.values\['best'\]=np.float32\(1.5\) \(float32\)"):
+        with run:
+            run.values["best"] = np.float32(1.5)
+    assert "best" not in run.values
+    run = Run(tmp_path / "run2", model=model, values={"seen": []}, max_steps=3, interval=1, signals=None)
+    with pytest.raises(ConfigError, match=r"run.values\['seen'\]"):
+        with run:
+            run.step_done()
+            run.values["seen"].append(np.float64(2.0) * np.ones(1)[0].astype(np.float16))
+            run.step_done()
+    run = Run(tmp_path / "run2", model=model, values={"seen": []}, max_steps=3, interval=1, signals=None)
+    with run:  # resumes from step 1, the last checkpoint that holds only plain values
+        assert run.step == 1 and run.values["seen"] == []
 
 
 def test_optimizer_without_model_and_bad_dir_are_refused():

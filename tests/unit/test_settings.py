@@ -44,6 +44,17 @@ def test_the_default_configuration_is_valid():
     ("ownership.wait=-1", "ownership.wait=-1"),
     ("ownership.stale_after=0", "ownership.stale_after=0"),
     ("seed=abc", "seed='abc'"),
+    ("optim.lr=inf", "optim.lr=inf; expected a number > 0 (a finite value)"),
+    ("optim.lr=nan", "optim.lr=nan"),
+    ("scheduler.grace_period=nan", "scheduler.grace_period=nan"),
+    ("scheduler.save_guess=nan", "scheduler.save_guess=nan"),
+    ("scheduler.margin=inf", "scheduler.margin=inf"),
+    ("ownership.wait=nan", "ownership.wait=nan"),
+    ("scheduler.time_limit=no", "scheduler.time_limit='no'"),
+    ("optim.betas=abc", "optim.betas='abc'; expected two numbers in [0, 1)"),
+    ("optim.betas=[0.9,2]", "optim.betas=[0.9, 2]"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1"),
+    ("data.block_size=256", "data.block_size=256 is longer than model.block_size=128"),
 ])
 def test_bad_values_are_named(override, words):
     with pytest.raises(ConfigError) as e:

@@ -14,47 +14,50 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from preemptible.checks import boolean, number
 from preemptible.errors import ConfigError
 
 log = logging.getLogger("preemptible.train")
 
 
-def _number(key: str, value: Any, *, low: float, strict: bool = False, none_ok: bool = False, integer: bool = False) -> None:
-    if value is None and none_ok:
-        return
-    kinds = (int,) if integer else (int, float)
-    ok = not isinstance(value, bool) and isinstance(value, kinds) and (value > low if strict else value >= low)
-    if not ok:
-        what = "an int" if integer else "a number"
-        bound = f"> {low:g}" if strict else f">= {low:g}"
-        raise ConfigError(f"{key}={value!r}; expected {what} {bound}{' or null' if none_ok else ''}")
-
-
-def _bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r}; expected true or false")
-
-
 def validate(cfg: DictConfig) -> None:
     """Every key read after start-up, checked now (ConfigError names the key and what fits)."""
     trainer, scheduler = cfg.trainer, cfg.scheduler
-    _number("trainer.max_steps", trainer.max_steps, low=1, integer=True)
-    _number("trainer.log_every", trainer.log_every, low=1, integer=True)
-    _number("seed", cfg.seed, low=0, integer=True)
+    number("trainer.max_steps", trainer.max_steps, low=1, integer=True)
+    number("trainer.log_every", trainer.log_every, low=1, integer=True)
+    number("seed", cfg.seed, low=0, integer=True)
     code = trainer.exit_code_on_stop
     if code is not None and (isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 255):
         raise ConfigError(f"trainer.exit_code_on_stop={code!r}; expected an exit status from 0 to 255, or null "
                           "(128 + the signal number)")
-    _bool("trainer.param_digests", trainer.param_digests)
-    _number("scheduler.grace_period", scheduler.grace_period, low=0, strict=True, none_ok=True)
-    _number("scheduler.save_guess", scheduler.save_guess, low=0, none_ok=True)
-    _number("scheduler.margin", scheduler.margin, low=0)
-    _bool("scheduler.time_limit", scheduler.time_limit)
-    _number("ownership.wait", cfg.ownership.wait, low=0)
-    _number("ownership.stale_after", cfg.ownership.stale_after, low=0, strict=True)
+    boolean("trainer.param_digests", trainer.param_digests)
+    number("scheduler.grace_period", scheduler.grace_period, low=0, strict=True, none_ok=True)
+    number("scheduler.save_guess", scheduler.save_guess, low=0, none_ok=True)
+    number("scheduler.margin", scheduler.margin, low=0)
+    boolean("scheduler.time_limit", scheduler.time_limit)
+    number("ownership.wait", cfg.ownership.wait, low=0)
+    number("ownership.stale_after", cfg.ownership.stale_after, low=0, strict=True)
     optim = cfg.get("optim")
     if optim is not None and "lr" in optim:
-        _number("optim.lr", optim.lr, low=0, strict=True)
+        number("optim.lr", optim.lr, low=0, strict=True)
+    if optim is not None and "weight_decay" in optim:
+        number("optim.weight_decay", optim.weight_decay, low=0)
+    if optim is not None and "betas" in optim:
+        betas = optim.betas
+        if not (OmegaConf.is_list(betas) and len(betas) == 2 and all(
+                not isinstance(b, bool) and isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ConfigError(f"optim.betas={_plain(betas)!r}; expected two numbers in [0, 1), e.g. [0.9,0.95]")
+    data, model = cfg.get("data"), cfg.get("model")
+    if data is not None and model is not None and "block_size" in data and "block_size" in model:
+        if isinstance(data.block_size, int) and isinstance(model.block_size, int) \
+                and data.block_size > model.block_size:
+            raise ConfigError(f"data.block_size={data.block_size} is longer than model.block_size="
+                              f"{model.block_size} (the positions the model embeds); use data.block_size <= "
+                              f"{model.block_size}, or a larger model.block_size")
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def check_vocab(vocab_size: int, data: Any) -> None:
