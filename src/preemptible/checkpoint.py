@@ -43,7 +43,7 @@ from preemptible import faults, heartbeat
 from preemptible.distributed import barrier, broadcast_object, is_distributed
 from preemptible.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from preemptible.remote import Remote, Uploader, is_remote
-from preemptible.safe_load import SafePlanner, SafeReader
+from preemptible.safe_load import SafePlanner, SafeReader, plain_name
 from preemptible.storage import SUMS_PREFIX, file_crc32c, file_writer
 
 log = logging.getLogger(__name__)
@@ -130,16 +130,37 @@ def describe_failure(e: BaseException) -> str:
 # ----------------------------------------------------------------------------- markers
 
 
+def marker_checksum(info: dict[str, Any]) -> int:
+    """CRC-32C of a marker's JSON without its own `marker_crc32c` (keys sorted)."""
+    import crc32c
+
+    rest = {k: v for k, v in info.items() if k != "marker_crc32c"}
+    return crc32c.crc32c(json.dumps(rest, sort_keys=True).encode())
+
+
 def read_marker(path: Path) -> dict[str, Any]:
-    """The commit marker as a dict (files: name -> [size, crc32c or None]); ValueError if unreadable."""
+    """The commit marker as a dict (files: name -> [size, crc32c or None]); ValueError if unreadable,
+    if it lists a file outside its directory, or if its own checksum does not match."""
     try:
         info = json.loads((Path(path) / COMMIT).read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        crc = info.get("marker_crc32c")
+        if crc is not None and crc != marker_checksum(info):
+            raise ValueError("it does not match its own checksum: it changed after it was written")
         files = {name: (list(v) if isinstance(v, (list, tuple)) else [v, None]) for name, v in dict(info["files"]).items()}
         for name, (size, crc) in files.items():
-            if not isinstance(size, int) or not (crc is None or isinstance(crc, int)):
+            if not plain_name(name):
+                raise ValueError(f"it lists {name!r}, which is not a file of this checkpoint's own directory")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not (
+                    crc is None or (isinstance(crc, int) and not isinstance(crc, bool))):
                 raise ValueError(f"bad entry for {name}")
         info["files"] = files
-        info["step"] = int(info["step"])
+        for key in ("step", "world_size"):
+            value = info.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "step" else 1):
+                raise ValueError(f"{key}={value!r} is not a {'step number' if key == 'step' else 'rank count'}")
+        info.setdefault("world_size", 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"unreadable {COMMIT} marker ({e})") from None
     if not isinstance(info.get("lineage"), str):  # a marker from before lineages: a line of its own
@@ -154,11 +175,13 @@ def why_invalid(path: Path, verify: bool = False) -> Optional[str]:
     """None if `path` is a committed, complete checkpoint; otherwise the reason it is not.
 
     Without `verify` only sizes are checked (cheap); with it every file's CRC-32C too (reads it all).
+    Every file must be a regular file inside the directory (not a link): nothing outside a
+    checkpoint is ever read through it.
     """
     path = Path(path)
     if not path.is_dir():
         return "not a directory"
-    if not (path / COMMIT).is_file():
+    if not (path / COMMIT).is_file() or (path / COMMIT).is_symlink():
         return f"no {COMMIT} marker (the save did not finish)"
     try:
         files = read_marker(path)["files"]
@@ -168,6 +191,8 @@ def why_invalid(path: Path, verify: bool = False) -> Optional[str]:
         return "the commit marker lists no .metadata"
     for name, (size, _) in files.items():
         f = path / name
+        if f.is_symlink():
+            return f"{name} is a link (a checkpoint's files are its own)"
         if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != size:
@@ -367,6 +392,19 @@ class Checkpointer:
             raise ValueError(f"it is not a head record ({text[:80]!r})") from None
         return head
 
+    @staticmethod
+    def _foreign_head(path: Path, line: list) -> Optional[str]:
+        """None if a head outside root is where this run's line branched (resume=PATH elsewhere);
+        otherwise why it is not followed (a copied or tampered `latest`)."""
+        try:
+            marker = read_marker(path)
+        except ValueError as e:
+            return str(e)
+        if len(line) >= 2 and line[-2] == [marker["lineage"], marker["step"]]:
+            return None
+        return (f"it names {path}, outside this run's checkpoint directory and not where this run's line "
+                "branched (a head copied from another run, or changed by hand)")
+
     def _pick(self, candidates: list[Path], skipped: list) -> Optional[Path]:
         """The first candidate that is valid (verified if `verify`); the others are logged and listed."""
         for path in candidates:
@@ -465,8 +503,13 @@ class Checkpointer:
             log.warning("checkpoint: skipping %s: %s", path, why)
             skipped.append((str(path), why))
         head_path = self._resolve(head["checkpoint"])
-        if head_path not in candidates and head_path.exists():  # the head is outside root (a branch point elsewhere)
-            candidates.append(head_path)
+        if head_path not in candidates and head_path.exists():  # the head is outside root: a branch point elsewhere?
+            why = self._foreign_head(head_path, head["line"])
+            if why is None:
+                candidates.append(head_path)
+            else:
+                log.warning("checkpoint: not following %s: %s", self.root / LATEST, why)
+                skipped.append((str(head_path), why))
         candidates.sort(key=lambda p: step_of(p) or 0, reverse=True)
         found = self._pick(candidates, skipped)
         if found is None:
@@ -673,6 +716,7 @@ class Checkpointer:
         marker = {"format": FORMAT, "step": step, "world_size": world, "time": time.time(), "files": files,
                   "lineage": self.line[-1][0], "line": self.line, "parent": self.head}
         marker = {**self.meta, **marker}  # the marker's own keys win
+        marker["marker_crc32c"] = marker_checksum(marker)
         _write_atomic(partial / COMMIT, json.dumps(marker), self.fsync)
         for f in partial.glob(f"{SUMS_PREFIX}*.json"):
             f.unlink()
@@ -714,7 +758,11 @@ class Checkpointer:
 
 def load_state(path: Path, state: dict[str, Any], what: str) -> None:
     """DCP load through the safe reader and planner; ConfigError naming `what` on any failure."""
-    reader = SafeReader(str(path))
+    try:
+        listed = read_marker(path)["files"] if (Path(path) / COMMIT).exists() else None
+    except ValueError as e:
+        raise ConfigError(f"{what} is not a valid checkpoint: {e}") from None
+    reader = SafeReader(str(path), listed)
     try:
         with _quiet_single_process():
             dcp.load(state, storage_reader=reader, planner=SafePlanner())

@@ -17,7 +17,7 @@ import torch
 
 from preemptible.checkpoint import COMMIT, LATEST, Checkpointer, in_line, read_marker, step_of, why_invalid
 from preemptible.metrics import read_metrics
-from preemptible.errors import ConfigError
+from preemptible.errors import ConfigError, UnsafeCheckpointError
 
 MODEL_PREFIX = "model_optim.model."
 FORMATS = ("pt", "safetensors")
@@ -56,7 +56,10 @@ def model_weights(checkpoint: Any, verify: bool = True) -> dict[str, torch.Tenso
     from preemptible.safe_load import read_metadata
 
     path = find_checkpoint(checkpoint, verify)
-    meta = read_metadata(str(path))
+    try:
+        meta = read_metadata(str(path), read_marker(path)["files"] if (path / COMMIT).exists() else None)
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"checkpoint={str(path)!r}: {e}") from None
     wanted = {}
     for key, info in meta.state_dict_metadata.items():
         if key.startswith(MODEL_PREFIX) and hasattr(info, "size"):

@@ -10,8 +10,10 @@ tensors). Tensors DCP already reads with `weights_only=True`.
 from __future__ import annotations
 
 import io
+import math
+import os
 import pickle
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -52,16 +54,64 @@ def load_metadata(stream: Any) -> Any:
     return _MetadataUnpickler(stream).load()
 
 
+def plain_name(name: Any) -> bool:
+    """A file name that stays inside its checkpoint directory: no separator, not '.', '..' or empty."""
+    return (isinstance(name, str) and name not in ("", ".", "..", "COMMITTED") and "/" not in name
+            and "\\" not in name and "\0" not in name)
+
+
+def check_metadata(metadata: Any, directory: str, listed: Optional[dict[str, Any]] = None) -> None:
+    """UnsafeCheckpointError unless every byte range `.metadata` points at lies in a file of this
+    checkpoint (listed by its commit marker, when `listed` is given) and every tensor's claimed
+    size is covered by the bytes stored for it (a crafted size must not make anyone allocate it)."""
+    stored: dict[str, int] = {}
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        name, offset, length = getattr(info, "relative_path", None), getattr(info, "offset", 0), getattr(info, "length", 0)
+        if not plain_name(name):
+            raise UnsafeCheckpointError(f"its .metadata points at {name!r}, outside the checkpoint's own files; "
+                                        "it was not loaded")
+        if listed is not None:
+            if name not in listed:
+                raise UnsafeCheckpointError(f"its .metadata points at {name!r}, which its commit marker does not "
+                                            "list (unverified bytes); it was not loaded")
+            size = listed[name][0]
+        else:
+            f = os.path.join(directory, name)
+            size = os.path.getsize(f) if os.path.isfile(f) and not os.path.islink(f) else -1
+        if not (isinstance(offset, int) and isinstance(length, int) and 0 <= offset and 0 <= length
+                and offset + length <= size):
+            raise UnsafeCheckpointError(f"its .metadata points at bytes {offset}+{length} of {name!r}, which "
+                                        f"{'holds ' + str(size) + ' bytes' if size >= 0 else 'is not a file here'}; "
+                                        "it was not loaded")
+        fqn = getattr(index, "fqn", None)
+        stored[fqn] = stored.get(fqn, 0) + length
+    for fqn, entry in (getattr(metadata, "state_dict_metadata", None) or {}).items():
+        size = getattr(entry, "size", None)
+        if size is None:
+            continue
+        claimed = math.prod(size) * torch.empty((), dtype=entry.properties.dtype).element_size()
+        if claimed > stored.get(fqn, 0):
+            raise UnsafeCheckpointError(f"its .metadata claims {fqn!r} is {tuple(size)} ({claimed} bytes) but the "
+                                        f"checkpoint stores {stored.get(fqn, 0)} bytes for it; it was not loaded")
+
+
 class SafeReader(FileSystemReader):
-    """DCP's FileSystemReader with `.metadata` read through the allowlisting unpickler."""
+    """DCP's FileSystemReader with `.metadata` read through the allowlisting unpickler, and
+    checked to point only inside the checkpoint (`listed`: the commit marker's files)."""
 
     unsafe: "UnsafeCheckpointError | None" = None  # DCP retries other metadata files after a failure: keep why
+
+    def __init__(self, path: str, listed: Optional[dict[str, Any]] = None, **kwargs: Any):
+        super().__init__(path, **kwargs)
+        self.listed = listed
+        self.directory = str(path)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
             try:
                 metadata = load_metadata(f)
+                check_metadata(metadata, self.directory, self.listed)
             except UnsafeCheckpointError as e:
                 self.unsafe = e
                 raise
@@ -88,6 +138,7 @@ class SafePlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def read_metadata(path: str) -> Any:
-    """The checkpoint's DCP metadata, read safely (UnsafeCheckpointError if it names anything else)."""
-    return SafeReader(path).read_metadata()
+def read_metadata(path: str, listed: Optional[dict[str, Any]] = None) -> Any:
+    """The checkpoint's DCP metadata, read safely (UnsafeCheckpointError if it names anything else,
+    points outside the checkpoint, or claims more bytes than it stores)."""
+    return SafeReader(path, listed).read_metadata()
