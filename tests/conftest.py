@@ -3,6 +3,8 @@ import sys
 
 # Spawned ranks import helpers and test modules by name: make the tests folder importable.
 sys.path.insert(0, os.path.dirname(__file__))
+# No test may send traffic beyond 127.0.0.1: the AWS SDK never asks the instance metadata address.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 import pytest  # noqa: E402
 

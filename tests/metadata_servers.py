@@ -40,6 +40,8 @@ class MetadataServer:
         self.cloud, self.lead_seconds, self.token_ttl_cap = cloud, lead_seconds, token_ttl_cap
         self.noticed_at: Optional[float] = None
         self.delay = 0.0          # seconds every answer waits (a slow service)
+        self.drip = 0.0           # seconds between the bytes of a body (a service that drips)
+        self.huge_body = 0        # bytes of a body with no Content-Length (a service gone wrong)
         self.other_vm = False     # azure: the Preempt event names another VM
         self.tokens: dict[str, float] = {}  # aws: token -> expiry
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
@@ -54,8 +56,21 @@ class MetadataServer:
                 self.send_response(status)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
+                if server.huge_body:  # a body of that many bytes, streamed, with no Content-Length
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    chunk = b"x" * (1 << 20)
+                    for _ in range(server.huge_body >> 20):
+                        self.wfile.write(chunk)
+                    return
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if server.drip:  # one byte every `drip` seconds
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(server.drip)
+                    return
                 self.wfile.write(body)
 
             def do_PUT(self):

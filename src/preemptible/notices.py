@@ -1,7 +1,7 @@
 """Preemption notices that are not signals: a cloud's spot/preemptible notice and a stop file.
 
-A notice says "stop soon (by time T, if known)". `Notices` polls its sources from one background
-thread per node (never from the training step); the first notice makes this rank vote to stop,
+A notice says "stop soon (by time T, if known)". `Notices` polls its sources from background
+threads, one per source, on one process per node (never from the training step); the first notice makes this rank vote to stop,
 exactly like a signal (`DistributedSignalHandler.request_stop`), so every rank stops at the same
 step with one committed checkpoint.
 
@@ -20,13 +20,14 @@ Any object with `name` and `poll()` works as a source too (`Notices(sources=[...
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import logging
 import os
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Optional, Sequence
@@ -60,19 +61,52 @@ class Notice:
                 "lead_seconds": self.lead_seconds, "detail": self.detail}
 
 
+MAX_BODY = 64 << 10  # bytes a metadata answer may have; a notice document is well under 1 KiB
+
+
 def _request(url: str, timeout: float, method: str = "GET", headers: Optional[dict[str, str]] = None) -> tuple[int, bytes, Any]:
-    """(status, body, headers) of one HTTP request; an HTTP error status is returned, not raised.
-    Connection failures and timeouts raise OSError. No proxy: metadata endpoints are link-local."""
-    req = urllib.request.Request(url, method=method, headers=headers or {}, data=b"" if method == "PUT" else None)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    """(status, body, headers) of one HTTP request, bounded in time and size: the whole exchange
+    (connect, headers, body) ends within `timeout` s (a timer cuts the connection: a service that
+    drips bytes cannot hold a poll longer), and a body over MAX_BODY bytes is refused unread. An
+    HTTP error status is returned, not raised; anything else that fails raises OSError. No proxy:
+    metadata endpoints are link-local."""
+    parts = urllib.parse.urlsplit(url)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname, parts.port, timeout=timeout)
+    cut = threading.Event()
+
+    def cut_off() -> None:
+        cut.set()
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(timeout, cut_off)
+    timer.daemon = True
+    timer.start()
     try:
-        with opener.open(req, timeout=timeout) as resp:
-            return resp.status, resp.read(), resp.headers
-    except urllib.error.HTTPError as e:
-        with e:
-            return e.code, e.read(), e.headers
-    except urllib.error.URLError as e:
-        raise OSError(str(e.reason)) from None
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request(method, target, body=b"" if method == "PUT" else None, headers=headers or {})
+        resp = conn.getresponse()
+        length = resp.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            raise OSError(f"{url} answered {length} bytes (more than {MAX_BODY}); not read")
+        body = resp.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise OSError(f"{url} answered more than {MAX_BODY} bytes; not read")
+        if cut.is_set():
+            raise OSError("cut off")
+        return resp.status, body, resp.headers
+    except (http.client.HTTPException, OSError, ValueError) as e:
+        if cut.is_set():
+            raise OSError(f"{url} gave no full answer within {timeout:g}s") from None
+        raise OSError(str(e) or type(e).__name__) from None
+    finally:
+        timer.cancel()
+        conn.close()
 
 
 class _Http:
@@ -234,7 +268,7 @@ def detect_cloud(endpoint: Optional[str] = None, timeout: float = 1.0) -> Option
 
 
 class Notices:
-    """The notice sources of a run, polled from one background thread (on local rank 0 of each node).
+    """The notice sources of a run, each polled from a thread of its own (on local rank 0 of each node).
 
     cloud:        None (no cloud notice), 'auto' (find out which cloud answers, in the background),
                   'aws', 'gcp' or 'azure'.
@@ -243,8 +277,9 @@ class Notices:
     poll_seconds: seconds between polls of every source.
     stop_file:    a file name (relative to the run directory) or path whose appearance stops the
                   run; None: off. A stop file left from before is removed when the next run starts.
-    timeout:      seconds one metadata request may take; a slow or unreachable endpoint is logged
-                  once and polled again at the next interval.
+    timeout:      seconds one metadata request may take in all (connect, headers, body; a body over
+                  64 KiB is refused); a slow or unreachable endpoint is logged once and polled again
+                  at the next interval, and never delays another source.
     sources:      more sources (objects with `name` and `poll() -> Notice | None`).
     """
 
@@ -267,7 +302,8 @@ class Notices:
         self.extra = list(sources)
         self.notice: Optional[Notice] = None  # the first notice this process saw
         self.sources: list[Any] = []
-        self._thread: Optional[threading.Thread] = None
+        self._threads: list[threading.Thread] = []
+        self._first = threading.Lock()
         self._halt = threading.Event()
         self._failing: set[str] = set()
         self._on_notice: Optional[Callable[[Notice], None]] = None
@@ -298,8 +334,9 @@ class Notices:
                 pass
 
     def start(self, run_dir: Any, on_notice: Callable[[Notice], None]) -> None:
-        """Begin polling (call on one process per node); `on_notice(notice)` runs once, in the thread."""
-        if self._thread is not None:
+        """Begin polling (call on one process per node); `on_notice(notice)` runs once, in a poller
+        thread. Each source has a thread of its own: a slow or hung one never delays another."""
+        if self._threads:
             raise RuntimeError("Notices.start() twice; make a new Notices for another run")
         self._on_notice = on_notice
         self.sources = list(self.extra)
@@ -308,31 +345,40 @@ class Notices:
             self.sources.append(StopFile(path))
         if self.cloud in CLOUDS:
             self.sources.append(SOURCES[self.cloud](self.endpoint, self.timeout))
-        if not self.sources and self.cloud != "auto":
-            return
-        self._thread = threading.Thread(target=self._run, name="preemptible-notices", daemon=True)
-        self._thread.start()
+        for source in self.sources:
+            self._spawn(self._watch, source)
+        if self.cloud == "auto":
+            self._spawn(self._detect)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name="preemptible-notices", daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def stop(self) -> None:
         """Stop polling. A request in flight is not waited for (at most `timeout` s, in a daemon
         thread): leaving a run, often inside a grace period, never waits on a metadata service."""
         self._halt.set()
-        if self._thread is not None:
-            self._thread.join(timeout=0.1)
+        for thread in self._threads:
+            thread.join(timeout=0.05)
 
-    def _run(self) -> None:
-        if self.cloud == "auto":
-            found = detect_cloud(self.endpoint, min(self.timeout, 1.0))
-            if found:
-                log.info("notices: %s metadata service found; polling its preemption notice every %gs",
-                         found, self.poll_seconds)
-                self.sources.append(SOURCES[found](self.endpoint, self.timeout))
-            else:
-                log.info("notices: no cloud metadata service answered; cloud notices are off")
+    def _detect(self) -> None:
+        found = detect_cloud(self.endpoint, min(self.timeout, 1.0))
+        if self._halt.is_set():
+            return
+        if found:
+            log.info("notices: %s metadata service found; polling its preemption notice every %gs",
+                     found, self.poll_seconds)
+            source = SOURCES[found](self.endpoint, self.timeout)
+            self.sources.append(source)
+            self._watch(source)
+        else:
+            log.info("notices: no cloud metadata service answered; cloud notices are off")
+
+    def _watch(self, source: Any) -> None:
         while not self._halt.is_set():
-            for source in list(self.sources):
-                if self._poll(source):
-                    return
+            if self._poll(source):
+                return
             self._halt.wait(self.poll_seconds)
 
     def _poll(self, source: Any) -> bool:
@@ -348,7 +394,11 @@ class Notices:
             log.info("notices: %r answers again", source)
         if notice is None:
             return False
-        self.notice = notice
+        with self._first:
+            if self.notice is not None or self._halt.is_set():
+                return True  # another source was first
+            self.notice = notice
+            self._halt.set()  # the others stop polling: one notice is all a run needs
         lead = f", {notice.lead_seconds:.0f}s ahead" if notice.lead_seconds is not None else ""
         log.warning("notice from %s: %s%s; stopping at the next agreed step", notice.source, notice.detail, lead)
         if self._on_notice is not None:

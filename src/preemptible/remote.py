@@ -43,12 +43,40 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+SCHEMES = ("s3",)  # where the lease works: S3's conditional writes (If-None-Match, If-Match)
+# Where botocore finds credentials without asking the network (the instance metadata service is opt-in here).
+_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                         "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def check_url(url: str) -> None:
+    """ConfigError, before any lookup, unless `url` is s3://bucket/prefix with a credential source."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in SCHEMES:
+        raise ConfigError(f"dir={url!r}: {scheme}:// is not supported; use s3://bucket/prefix (any S3-compatible "
+                          "store, through AWS_ENDPOINT_URL): the run's lease needs S3's conditional writes")
+    bucket, _, prefix = url.split("://", 1)[1].partition("/")
+    if not bucket or not prefix.strip("/"):
+        raise ConfigError(f"dir={url!r}; expected s3://bucket/prefix (a prefix of its own for this run)")
+    files = [os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+             os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")]
+    if any(os.environ.get(v) for v in _CREDENTIAL_VARIABLES) or any(os.path.isfile(os.path.expanduser(f))
+                                                                      for f in files):
+        return
+    if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "false":
+        return  # asked for: an instance role's credentials from the instance metadata service
+    raise ConfigError(f"dir={url!r}: no S3 credentials are configured (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                      "AWS_PROFILE, ~/.aws/credentials, or a web-identity/container variable); on a cloud VM with "
+                      "an instance role, set AWS_EC2_METADATA_DISABLED=false to let the SDK ask its metadata service")
+
+
 class Remote:
     """Checkpoints under one object-storage prefix."""
 
     def __init__(self, url: str):
         if not is_remote(url):
             raise ConfigError(f"dir={url!r}; expected s3://bucket/prefix")
+        check_url(url)
         try:
             import fsspec
         except ImportError:

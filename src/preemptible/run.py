@@ -799,6 +799,26 @@ class Run:
             self._release()
         if clean and self.stop is not None and self.rank == 0 and want_requeue(self.requeue):
             slurm.requeue()  # only now: the checkpoint is durable and every rank is past its last collective
+        if clean and self.exit_code is not None and self.handler is not None:
+            self._end_on_late_signals()
+
+    def _end_on_late_signals(self) -> None:
+        """After the run ended (committed): the run's signals, where they would kill the process
+        (default disposition) or raise KeyboardInterrupt, end it with the run's own status instead
+        (SystemExit, raised in the main thread like Python's own KeyboardInterrupt), so a late TERM
+        before `exit()` does not turn a finished run into a signal death. `exit()` ignores them."""
+        import signal as _signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        code = self.exit_code
+
+        def late(signum: int, frame: Any) -> None:
+            raise SystemExit(code)
+        for s in getattr(self.handler, "signals", ()):
+            if _signal.getsignal(s) in (_signal.SIG_DFL, _signal.default_int_handler):
+                _signal.signal(s, late)
 
     def _close_log(self) -> None:
         if self._log_handler is not None:

@@ -76,3 +76,24 @@ def test_a_run_lets_gloo_workers_finish_when_it_ends(tmp_path):
     proc = _run(code)
     assert proc.returncode == 0, proc.stderr
     assert "guard released the GIL for 0.1" in proc.stdout and "exit code 0" in proc.stdout
+
+
+def test_late_term_and_int_after_a_finished_run_end_it_with_its_own_status(tmp_path):
+    """TERM and INT arriving after the `with run:` block (the run is done and committed), before
+    and during run.exit(): the process ends with the run's status 0, not a signal death (-15)."""
+    for when in ("before_exit", "during_exit"):
+        code = textwrap.dedent(f"""
+            import atexit, os, signal, time, torch, preemptible
+            run = preemptible.Run({str(tmp_path / when)!r}, model=torch.nn.Linear(1, 1), max_steps=2)
+            with run:
+                while run.step < 2:
+                    run.step_done()
+            late = lambda: (os.kill(os.getpid(), signal.SIGTERM), os.kill(os.getpid(), signal.SIGINT), time.sleep(0.1))
+            if {when!r} == "during_exit":
+                atexit.register(late)
+            else:
+                late()
+            run.exit()
+        """)
+        proc = _run(code)
+        assert proc.returncode == 0, (when, proc.returncode, proc.stderr[-2000:])

@@ -153,6 +153,42 @@ def test_a_slow_service_times_out_without_blocking(caplog):
         assert len([r for r in caplog.records if "cannot be read" in r.getMessage()]) == 1
 
 
+def test_a_dripping_service_is_cut_off_at_its_timeout_and_never_delays_the_stop_file(tmp_path):
+    """A metadata service that answers 1 byte/s: each request ends within `timeout` in all (not per
+    byte), and the stop file, polled by a thread of its own, is seen at once meanwhile."""
+    with MetadataServer("gcp") as server:
+        server.drip = 1.0
+        src = GcpPreempted(server.url, timeout=0.5)
+        t = time.perf_counter()
+        with pytest.raises(OSError, match="no full answer within 0.5s"):
+            src.poll()
+        assert time.perf_counter() - t < 1.5
+        notices = Notices(cloud="gcp", endpoint=server.url, poll_seconds=0.05, timeout=5.0)
+        got = []
+        notices.start(tmp_path, got.append)
+        time.sleep(0.3)  # the gcp poller is inside a 5 s dripping request now
+        (tmp_path / "STOP").touch()
+        t = time.perf_counter()
+        _wait_for(got, 2.0)
+        assert time.perf_counter() - t < 1.0 and got[0].source == "stop_file"
+        notices.stop()
+
+
+def test_a_huge_answer_is_refused_unread():
+    """300 MiB streamed without a Content-Length: at most MAX_BODY + 1 bytes are read."""
+    import resource
+
+    from preemptible.notices import MAX_BODY
+
+    with MetadataServer("gcp") as server:
+        server.huge_body = 300 << 20
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(OSError, match=f"more than {MAX_BODY} bytes"):
+            GcpPreempted(server.url, timeout=5).poll()
+        grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert grew_mib < 50, grew_mib
+
+
 def test_stop_file_in_the_run_directory(tmp_path):
     notices = Notices(poll_seconds=0.05)
     got = []

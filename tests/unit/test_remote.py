@@ -130,6 +130,34 @@ def test_an_owner_whose_clock_is_a_minute_behind_is_never_taken_over_while_it_re
         owner.release()
 
 
+@pytest.mark.parametrize("url, words", [
+    ("ftp://host/x", "ftp:// is not supported; use s3://bucket/prefix"),
+    ("gs://bucket/prefix", "gs:// is not supported"),
+    ("s3://bucket", "expected s3://bucket/prefix"),
+    ("s3://bucket/", "expected s3://bucket/prefix"),
+])
+def test_unsupported_urls_are_refused_before_any_lookup(url, words, monkeypatch):
+    import socket
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError(f"a name lookup for {args[0]!r}")
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    with pytest.raises(ConfigError, match=words):
+        Checkpointer(dir=url)
+
+
+def test_s3_without_credentials_is_refused_at_construction(tmp_path, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    from preemptible import Run
+
+    with pytest.raises(ConfigError, match="no S3 credentials are configured"):
+        Run(tmp_path / "run", checkpoint_dir="s3://bucket/prefix")
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_remote_settings_are_named(tmp_path):
     with pytest.raises(ConfigError, match="local_dir='/x' is for a remote dir"):
         Checkpointer(dir=str(tmp_path), local_dir="/x")
