@@ -80,19 +80,32 @@ def export_weights(checkpoint: Any, out: Any, format: Optional[str] = None, veri
     fmt = format or ("safetensors" if out.suffix == ".safetensors" else "pt")
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}; expected one of {', '.join(FORMATS)}")
-    weights = model_weights(checkpoint, verify)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
+    if out.is_dir():
+        raise ConfigError(f"out={str(out)!r} is a directory; give a file path (e.g. {str(out / 'model.pt')!r})")
+    save_file = None
     if fmt == "safetensors":
         try:
             from safetensors.torch import save_file
         except ImportError:
             raise ConfigError("format=safetensors needs the safetensors package: pip install 'preemptible[export]'"
                               ) from None
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(partial))
-    else:
-        torch.save(weights, partial)
-    partial.replace(out)  # never a half-written file under the name asked for
+    weights = model_weights(checkpoint, verify)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if save_file is not None:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(partial))
+        else:
+            torch.save(weights, partial)
+        partial.replace(out)  # never a half-written file under the name asked for
+    except (OSError, RuntimeError) as e:
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        raise ConfigError(f"out={str(out)!r} cannot be written ({why}); choose a writable path") from None
+    finally:
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass
     return out
 
 
@@ -134,8 +147,10 @@ def status(run_dir: Any, verify: bool = False) -> dict[str, Any]:
     if (run_dir / "OWNER").is_file():
         try:
             owner = json.loads((run_dir / "OWNER").read_text())
-        except ValueError:
-            owner = {"error": "unreadable OWNER file"}
+        except (OSError, ValueError):
+            owner = None
+        if not isinstance(owner, dict):
+            owner = {"error": "unreadable OWNER file (not a lease record)"}
     return {"run_dir": str(run_dir), "checkpoints_dir": str(root), "head": head, "checkpoints": rows,
             "abandoned": abandoned, "events": events, "owner": owner}
 
@@ -152,7 +167,9 @@ def format_status(info: dict[str, Any]) -> str:
         line = " -> ".join(f"{lin}@{end}" if end is not None else lin for lin, end in head["line"])
         out.append(f"head:          {head['checkpoint']} (step {head.get('step')}); lineage {line}")
     owner = info.get("owner")
-    if owner:
+    if owner and "error" in owner:
+        out.append(f"owner:         {owner['error']}")
+    elif owner:
         out.append(f"owner:         {owner.get('host')} pid {owner.get('pid')}" +
                    (f" job {owner['job']}" if owner.get("job") else "") + " (a run holds it, or died holding it)")
     out.append("")

@@ -122,12 +122,20 @@ def _ends_torn(path: str) -> bool:
         return False
 
 
+def _well_formed(row: Any) -> bool:
+    """A row as this module writes it: an int step, a numeric time if any, a str event if any."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return (isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
+            and ("time" not in row or number(row["time"])) and ("event" not in row or isinstance(row["event"], str)))
+
+
 def read_metrics(path: Union[str, "os.PathLike[str]"], strict: bool = False) -> list[dict]:
     """The rows of a metrics.jsonl (or of `<path>/metrics.jsonl` when `path` is a run directory).
 
     Safe while the run is writing: a last line without its newline is a write in progress and is
-    left out. A complete line that is not a JSON object (a torn write from a killed process) is
-    skipped, or with `strict=True` raises ValueError naming the file and line. A missing file
+    left out. A complete line that is not a metrics row (a torn write from a killed process, or a
+    line written by hand: not a JSON object, no int `step`, a non-numeric `time`) is skipped, or with `strict=True` raises ValueError naming the file and line. A missing file
     gives []. After a crash a step can appear twice: the later row is the one that counts.
     """
     path = os.fspath(path)
@@ -148,9 +156,10 @@ def read_metrics(path: Union[str, "os.PathLike[str]"], strict: bool = False) -> 
             row = json.loads(line)
         except ValueError:
             row = None
-        if not isinstance(row, dict):
+        if not _well_formed(row):
             if strict:
-                raise ValueError(f"{path}: line {number} is not a JSON object: {line[:80]!r}")
+                raise ValueError(f"{path}: line {number} is not a metrics row (a JSON object with an int step): "
+                                 f"{line[:80]!r}")
             continue
         out.append(row)
     return out

@@ -324,14 +324,21 @@ class Notices:
     def clear_stop_file(self, run_dir: Any) -> None:
         """A stop file left from an earlier run is removed (once, by rank 0, before polling starts)."""
         path = self.stop_file_path(run_dir)
-        if path and os.path.exists(path):
+        if path and os.path.lexists(path):
             try:
-                touched = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(path)))
-                os.remove(path)
+                touched = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.lstat(path).st_mtime))
+                if os.path.isdir(path) and not os.path.islink(path):
+                    os.rmdir(path)  # `mkdir STOP` stops a run too; only an empty one is removed
+                else:
+                    os.remove(path)
                 log.warning("removed the stop file %s (from %s) left by an earlier stop; touch it again to stop "
                             "this run", path, touched)
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                raise ConfigError(f"stop_file={self.stop_file!r}: {path} is left from an earlier stop and cannot be "
+                                  f"removed ({e.strerror or e}); remove it (a stop file is an empty file), or "
+                                  "choose another stop_file") from None
 
     def start(self, run_dir: Any, on_notice: Callable[[Notice], None]) -> None:
         """Begin polling (call on one process per node); `on_notice(notice)` runs once, in a poller

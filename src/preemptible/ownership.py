@@ -245,8 +245,13 @@ class RunLease:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        if self.lost is None and self._parse(self._read_text() or "").get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+        try:
+            if self.lost is None and self._parse(self._read_text() or "").get("token") == self.token:
+                self.path.unlink(missing_ok=True)
+        except OSError as e:  # a read-only remount, a gone filesystem: never the error a run ends with
+            log.warning("run directory lease: %s could not be removed (%s); a later run takes it over (at once "
+                        "here, its process being gone; elsewhere after %gs without a renewal)", self.path,
+                        e.strerror or e, self.stale_after)
 
     def __enter__(self) -> "RunLease":
         return self.acquire()

@@ -51,3 +51,27 @@ def test_a_damaged_head_is_skipped_by_export_and_named_by_status(run_dir, tmp_pa
     assert cli(["status", str(path), "--verify"]) == 0 and "INVALID" in capsys.readouterr().out
     assert cli(["export", str(tmp_path / "nowhere"), str(tmp_path / "y.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_export_onto_a_directory_or_an_unwritable_path_is_one_line_and_leaves_nothing(run_dir, tmp_path):
+    path, _ = run_dir
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(ConfigError, match="out=.*target' is a directory; give a file path"):
+        export_weights(path, target)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot be written"):
+        export_weights(path, blocker / "sub" / "w.pt")  # a file where a directory must be
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run", "target"] and not any(target.iterdir())
+
+
+def test_status_with_an_odd_owner_file_and_odd_metrics_rows(run_dir):
+    path, _ = run_dir
+    (path / "OWNER").write_text("[1, 2]")
+    with open(path / "metrics.jsonl", "a") as f:
+        f.write('{"event": "preempted", "step": "x"}\n{"event": 5, "step": 3}\n{"step": 4, "time": "noon"}\n[1]\n')
+    info = status(path)
+    assert info["owner"] == {"error": "unreadable OWNER file (not a lease record)"}
+    text = format_status(info)
+    assert "owner:         unreadable OWNER file" in text and "done" in text

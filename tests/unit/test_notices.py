@@ -262,3 +262,14 @@ def test_stop_reason_exit_status_and_the_deadline_rule():
     assert "deadline is past" in save_decision(stop, None, 0.5)[1]
     # no deadline (a stop file): no risk
     assert save_decision(Stop(NOTICE, 7, notices={"0": Notice("stop_file").as_dict()}), None, 1e6) == (None, None)
+
+
+def test_a_stop_directory_stops_and_is_cleared_and_a_full_one_is_one_line(tmp_path):
+    (tmp_path / "STOP").mkdir()  # `mkdir STOP` asks for a stop like `touch STOP`
+    assert StopFile(str(tmp_path / "STOP")).poll() is not None
+    Notices().clear_stop_file(tmp_path)
+    assert not (tmp_path / "STOP").exists()
+    (tmp_path / "STOP").mkdir()
+    (tmp_path / "STOP" / "keep").write_text("x")
+    with pytest.raises(ConfigError, match=r"stop_file='STOP': .*STOP is left from an earlier stop and cannot be removed"):
+        Notices().clear_stop_file(tmp_path)

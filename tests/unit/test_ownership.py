@@ -173,3 +173,32 @@ def test_an_owner_in_another_pid_namespace_on_the_same_host_is_judged_by_its_ren
         assert 1.5 <= time.monotonic() - started < 8  # judged by its renewals stopping, not by a pid
     finally:
         lease.release()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not __import__("shutil").which("unshare"),
+                    reason="a private mount needs root and unshare(1)")
+def test_a_read_only_remount_keeps_the_runs_one_line_error(tmp_path):
+    """The run directory's filesystem goes read-only mid-run: the final save fails with one line,
+    and the lease (which cannot be removed now) does not replace that error with its own."""
+    script = tmp_path / "ro.py"
+    script.write_text(textwrap.dedent("""
+        import os, subprocess, sys, torch
+        from preemptible import Run
+        mnt = sys.argv[1]
+        run = Run(os.path.join(mnt, "run"), model=torch.nn.Linear(1, 1), max_steps=3, interval=0)
+        try:
+            with run:
+                for _ in range(3):
+                    run.step_done()
+                    if run.step == 2:
+                        subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+        except Exception as e:
+            print("ERROR", type(e).__name__, str(e).splitlines()[0])
+    """))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.run(["unshare", "--mount", "sh", "-c", f"mount -t tmpfs tmpfs {mnt} && "
+                           f"{sys.executable} {script} {mnt}"], capture_output=True, text=True, timeout=120)
+    assert "ERROR CheckpointError checkpoint step_00000003 could not be written" in proc.stdout, proc.stdout + proc.stderr
+    assert "Read-only file system" in proc.stdout and "could not be removed" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -44,3 +44,14 @@ def test_plot_needs_a_run_with_steps(tmp_path):
     _write(tmp_path, [{"event": "resumed", "step": 0}])
     with pytest.raises(ConfigError, match="no steps yet"):
         plot_run(tmp_path)
+
+
+def test_odd_rows_are_left_out_not_a_traceback(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"step": s, "loss": 1.0, "time": 1000.0 + s} for s in range(1, 6)]
+    rows += [{"step": "six", "loss": 1.0}, {"event": "resumed", "step": None}, {"step": 7, "time": [1]},
+             {"event": 3, "step": 8}]
+    _write(tmp_path, rows)
+    (tmp_path / "metrics.jsonl").open("a").write("[1, 2]\n42\n")
+    assert interruptions(tmp_path) == []
+    assert plot_run(tmp_path).is_file()

@@ -55,6 +55,7 @@ def test_the_default_configuration_is_valid():
     ("optim.betas=[0.9,2]", "optim.betas=[0.9, 2]"),
     ("optim.weight_decay=-1", "optim.weight_decay=-1"),
     ("data.block_size=256", "data.block_size=256 is longer than model.block_size=128"),
+    ("run_dir=''", "run_dir=''; expected a directory path"),
 ])
 def test_bad_values_are_named(override, words):
     with pytest.raises(ConfigError) as e:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from preemptible.checks import boolean, number
+from preemptible.checks import boolean, number, path
 from preemptible.errors import ConfigError
 
 log = logging.getLogger("preemptible.train")
@@ -23,6 +23,7 @@ log = logging.getLogger("preemptible.train")
 def validate(cfg: DictConfig) -> None:
     """Every key read after start-up, checked now (ConfigError names the key and what fits)."""
     trainer, scheduler = cfg.trainer, cfg.scheduler
+    path("run_dir", cfg.run_dir)
     number("trainer.max_steps", trainer.max_steps, low=1, integer=True)
     number("trainer.log_every", trainer.log_every, low=1, integer=True)
     number("seed", cfg.seed, low=0, integer=True)
