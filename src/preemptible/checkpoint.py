@@ -301,6 +301,7 @@ class Checkpointer:
         self.verify, self.keep_abandoned = verify, keep_abandoned
         self.root: Optional[Path] = None
         self.rank = 0
+        self.run_dir: Optional[str] = None  # recorded in every marker: which run wrote it
         self.meta: dict[str, Any] = {}   # stored in every commit marker (the recipe: its composed config)
         self.line: list = [[uuid.uuid4().hex[:12], None]]  # a fresh run's own lineage, until a resume says otherwise
         self.head: Optional[str] = None  # the head checkpoint (name under root, or an absolute path)
@@ -318,6 +319,7 @@ class Checkpointer:
     def setup(self, run_dir: str, rank: int) -> "Checkpointer":
         """Bind to the run directory and prove it is writable, on every rank (so errors are symmetric)."""
         self.rank = rank
+        self.run_dir = str(Path(run_dir).absolute())
         if self.remote is not None:
             self.root = Path(self.local_dir) if self.local_dir else Path(run_dir) / "checkpoints"
             if rank == 0:
@@ -714,7 +716,7 @@ class Checkpointer:
             files[p.name] = [size, recorded[1]]
         world = dist.get_world_size() if is_distributed() else 1
         marker = {"format": FORMAT, "step": step, "world_size": world, "time": time.time(), "files": files,
-                  "lineage": self.line[-1][0], "line": self.line, "parent": self.head}
+                  "lineage": self.line[-1][0], "line": self.line, "parent": self.head, "run_dir": self.run_dir}
         marker = {**self.meta, **marker}  # the marker's own keys win
         marker["marker_crc32c"] = marker_checksum(marker)
         _write_atomic(partial / COMMIT, json.dumps(marker), self.fsync)

@@ -120,7 +120,8 @@ class _RankState:
 
 
 # What a commit marker holds of its own; meta= cannot replace these.
-MARKER_KEYS = ("format", "step", "world_size", "time", "files", "lineage", "line", "parent", "marker_crc32c")
+MARKER_KEYS = ("format", "step", "world_size", "time", "files", "lineage", "line", "parent", "run_dir",
+               "marker_crc32c")
 
 
 def _check_meta(meta: Any) -> None:
@@ -515,6 +516,7 @@ class Run:
             self.after_resume(marker, resume.path)
         cp.adopt(resume, self.step)
         self.resumed_from = resume.path
+        self._say_what_a_resume_cannot_know(marker)
         log.info("resumed from %s at step %d (written by %d ranks, now %d; verified in %.2fs)", resume.path,
                  self.step, saved_world, self.world_size, resume.verify_seconds)
         self.metrics.event("resumed", step=self.step, world_size=self.world_size, saved_world_size=saved_world,
@@ -522,6 +524,19 @@ class Run:
                            process_started=_process_start_time(), entered=self._entered_at,
                            verify_seconds=round(resume.verify_seconds, 4), load_seconds=round(load_seconds, 4),
                            **{"from": str(resume.path)})
+
+    def _say_what_a_resume_cannot_know(self, marker: dict[str, Any]) -> None:
+        """One warning each where a resume is legal but may not be what the user meant."""
+        if self.rank != 0:
+            return
+        writer = marker.get("run_dir")
+        if isinstance(writer, str) and writer != str(self.dir.absolute()):
+            log.warning("resumed a checkpoint written by the run in %s, not this one (%s): another run's "
+                        "checkpoint directory, or this one moved; to start fresh, use a checkpoint_dir of its own",
+                        writer, self.dir.absolute())
+        if self.data is None:
+            log.warning("data= was not given: the loop's own data starts from its beginning again (its position "
+                        "is not saved); pass the loader as data= (and iterate run.batches()) to resume it exactly")
 
     def _continue_on_new_world(self, loaded: dict[str, Any], saved_world: int) -> None:
         """Per-rank RNG streams and data positions cannot carry over: reseed (seed, step, rank), and

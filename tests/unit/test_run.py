@@ -248,3 +248,24 @@ def test_public_names_are_documented():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_a_resume_says_what_it_cannot_know(tmp_path, caplog):
+    """Legal but maybe unmeant: the loop's own data (data=None) starts over; a second run directory
+    sharing another run's checkpoint_dir continues that run. Each says so in one warning."""
+    import logging
+
+    shared = str(tmp_path / "ckpts")
+    for run_dir in ("first", "first", "second"):
+        run = Run(tmp_path / run_dir, model=torch.nn.Linear(1, 1), max_steps=None, interval=0, signals=None,
+                  checkpoint_dir=shared)
+        with caplog.at_level(logging.WARNING, logger="preemptible.run"):
+            caplog.clear()
+            with run:
+                run.step_done()
+        said = " ".join(r.getMessage() for r in caplog.records)
+        if run.resumed_from is None:
+            assert "data= was not given" not in said
+            continue
+        assert "data= was not given: the loop's own data starts from its beginning again" in said
+        assert ("written by the run in" in said) == (run_dir == "second"), said
