@@ -32,8 +32,8 @@ from preemptible.config import build, call
 from preemptible.distributed import ignore_late_signals, shutdown
 from preemptible.errors import CheckpointError, ConfigError
 from preemptible.parallel import parallelize
-from preemptible.recipe.settings import (apply_after_resume, check_vocab, composed, in_recipe_terms, refuse_changes,
-                                         schedule_lambdas, validate)
+from preemptible.recipe.settings import (apply_after_resume, check_hydra_run_dir, check_vocab, composed,
+                                         in_recipe_terms, refuse_changes, schedule_lambdas, validate)
 
 # torchdata calls a torch API that torch deprecated; the warning says nothing actionable to users.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -42,6 +42,7 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 def train(cfg: DictConfig) -> Run:
     # ---- every value checked, everything built, before anything is written
     validate(cfg)
+    check_hydra_run_dir()
     env = init_distributed(cfg.trainer.device)
     torch.manual_seed(cfg.seed)  # same model init on every rank
     model = build(cfg, "model").to(env.device)

@@ -83,7 +83,7 @@ def resolve_signal(sig: SignalLike) -> signal.Signals:
         try:
             return signal.Signals(sig)
         except ValueError:
-            raise ValueError(f"{sig} is not a signal number on this system; expected {_ACCEPTED}") from None
+            raise ValueError(f"Invalid signal number: {sig} (not a signal on this system); expected {_ACCEPTED}") from None
     name = sig.strip().upper()
     if name.lstrip("-").isdigit():
         return resolve_signal(int(name))
@@ -92,7 +92,7 @@ def resolve_signal(sig: SignalLike) -> signal.Signals:
     try:
         return signal.Signals[name]
     except KeyError:
-        raise ValueError(f"unknown signal name {sig!r}; expected {_ACCEPTED}") from None
+        raise ValueError(f"Unknown signal name: {sig!r}; expected {_ACCEPTED}") from None
 
 
 def parse_signals(sig: SignalSpec) -> tuple[signal.Signals, ...]:
@@ -102,14 +102,15 @@ def parse_signals(sig: SignalSpec) -> tuple[signal.Signals, ...]:
     elif isinstance(sig, collections.abc.Iterable):
         items = list(sig)
         if not items:
-            raise ValueError(f"empty signal list; expected {_ACCEPTED}")
+            raise ValueError(f"At least one signal must be provided (the list is empty); expected {_ACCEPTED}")
     else:
         items = [sig]
     parsed = tuple(_one_signal(v) for v in items)
     seen: set[int] = set()
     for value, s in zip(items, parsed):
         if s in seen:
-            raise ValueError(f"signal {value!r} ({s.name}) is listed twice; list each signal once")
+            raise ValueError(f"Duplicate signals provided: {[p.name for p in parsed]} ({value!r} is {s.name} again); "
+                             "list each signal once")
         seen.add(s)
     return parsed
 
@@ -132,10 +133,24 @@ def _backend_device(backend: str, local_rank: Optional[int]) -> torch.device:
 def get_device(local_rank: Optional[int] = None, *, group: Optional["dist.ProcessGroup"] = None) -> torch.device:
     """Get the appropriate torch device based on the distributed backend.
 
-    `cuda:{local_rank}` (or `cuda`) for NCCL, `cpu` for gloo; the backend is the one of
-    `group` (extension; the default group when None). `cpu` when torch.distributed is not
-    initialized, since nothing is communicated then. RuntimeError names any other backend.
+    `cuda:{local_rank}` (or `cuda`) for 'nccl', `cpu` for 'gloo', as `torch.distributed.get_backend()`
+    names the backend of `group` (extension; the default group when None). RuntimeError for any
+    other backend (a multi-device string such as 'cpu:gloo,cuda:nccl' included), naming it. `cpu`
+    when torch.distributed is not initialized (extension: nothing is communicated then).
     """
+    if not _dist_ready():
+        return torch.device("cpu")
+    backend = str(dist.get_backend(group))
+    if backend == "nccl":
+        return torch.device("cuda") if local_rank is None else torch.device(f"cuda:{local_rank}")
+    if backend == "gloo":
+        return torch.device("cpu")
+    raise RuntimeError(f"unsupported torch.distributed backend {backend!r}: get_device() knows 'nccl' and 'gloo'")
+
+
+def _collective_device(local_rank: Optional[int] = None, group: Any = None) -> torch.device:
+    """Where this module's own collectives run: CPU tensors whenever the group's backend can
+    reduce them (gloo, or a multi-device backend with a gloo part), else the NCCL device."""
     if not _dist_ready():
         return torch.device("cpu")
     return _backend_device(str(dist.get_backend(group)), local_rank)
@@ -198,7 +213,7 @@ def all_gather_item(
     """
     if not _dist_ready():
         return GatherFuture(None, [torch.tensor([item], dtype=dtype)], item) if async_op else [item]
-    device = get_device(local_rank, group=group)
+    device = _collective_device(local_rank, group)
     mine = torch.tensor([item], dtype=dtype, device=device)
     out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     work = dist.all_gather(out, mine, group=group, async_op=async_op)
@@ -214,7 +229,7 @@ def _resolve_group(spec: Any) -> Optional["dist.ProcessGroup"]:
     if spec is None or spec in ("world", "default"):
         return None
     if spec == "cpu":  # the world if it reduces CPU tensors, else a gloo side group: never a GPU sync
-        return None if get_device() == torch.device("cpu") else dist.new_group(backend="gloo")
+        return None if _collective_device() == torch.device("cpu") else dist.new_group(backend="gloo")
     if isinstance(spec, str):
         return dist.new_group(backend=spec)
     if isinstance(spec, dist.ProcessGroup):
@@ -337,7 +352,7 @@ class DistributedSignalHandler:
             self._group_built = True
             if isinstance(self._vote, AgreedMax):
                 self._vote.group = self._group
-                self._vote.device = get_device(self.local_rank, group=self._group)
+                self._vote.device = _collective_device(self.local_rank, self._group)
         return self._group
 
     # -- install / release -----------------------------------------------------------------

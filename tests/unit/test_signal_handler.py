@@ -31,12 +31,13 @@ def test_accepted_signal_forms(spec, expected):
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("SIGFOO", ["'SIGFOO'", "SIGUSR2"]),
-    (9999, ["9999", "not a signal"]),
+    ("SIGFOO", ["Unknown signal name: 'SIGFOO'", "SIGUSR2"]),
+    (9999, ["Invalid signal number: 9999", "not a signal"]),
     (signal.SIGKILL, ["SIGKILL", "cannot be caught"]),
     ("stop", ["SIGSTOP", "cannot be caught"]),
-    (["SIGTERM", 15], ["listed twice", "SIGTERM"]),
-    ([], ["empty"]),
+    (["SIGTERM", 15], ["Duplicate signals provided", "SIGTERM"]),
+    ([], ["At least one signal must be provided"]),
+    ("SIGCHLD", ["SIGCHLD is not a stop request"]),
     (True, ["bool"]),
     (1.5, ["1.5", "float"]),
     (None, ["NoneType"]),
@@ -191,13 +192,17 @@ def test_second_signal_with_ignored_original_only_dumps():
 def test_get_device_backends(monkeypatch):
     # Mocks only for backends this machine lacks.
     monkeypatch.setattr(sh, "_dist_ready", lambda: True)
-    for backend, local_rank, expected in [("gloo", None, "cpu"), ("nccl", None, "cuda"), ("nccl", 3, "cuda:3"),
-                                          ("cpu:gloo,cuda:nccl", 1, "cpu")]:
+    # the documented behaviour (NeMo Automodel's): nccl -> cuda[:local_rank], gloo -> cpu, else RuntimeError
+    for backend, local_rank, expected in [("gloo", None, "cpu"), ("nccl", None, "cuda"), ("nccl", 3, "cuda:3")]:
         monkeypatch.setattr(sh.dist, "get_backend", lambda group=None, b=backend: b)
         assert get_device(local_rank) == torch.device(expected)
-    monkeypatch.setattr(sh.dist, "get_backend", lambda group=None: "mpi")
-    with pytest.raises(RuntimeError, match=r"'mpi'.*'nccl'.*'gloo'"):
-        get_device()
+    for backend in ("mpi", "cpu:gloo,cuda:nccl"):
+        monkeypatch.setattr(sh.dist, "get_backend", lambda group=None, b=backend: b)
+        with pytest.raises(RuntimeError, match=rf"'{backend}'.*'nccl'.*'gloo'"):
+            get_device()
+    # this module's own collectives take CPU tensors wherever the backend has a gloo part
+    monkeypatch.setattr(sh.dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+    assert sh._collective_device(1) == torch.device("cpu")
 
 
 PROGRESS = textwrap.dedent("""

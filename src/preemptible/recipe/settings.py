@@ -61,6 +61,19 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
+def check_hydra_run_dir() -> None:
+    """`hydra.run.dir=X` (Hydra's habit) does not place this recipe's run: say so, naming run_dir=."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        given = HydraConfig.get().run.dir
+    except (ImportError, ValueError):  # not under @hydra.main (a composed config in a test)
+        return
+    if given not in (".", None):
+        raise ConfigError(f"hydra.run.dir={given!r} does not place the run here; use run_dir={given!r} (the run "
+                          "directory, where checkpoints, metrics and the log go)")
+
+
 def check_vocab(vocab_size: int, data: Any) -> None:
     """The model must embed every byte value the data holds."""
     top = int(data.max()) if len(data) else 0
