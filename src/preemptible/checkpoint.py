@@ -302,6 +302,7 @@ class Checkpointer:
         self.root: Optional[Path] = None
         self.rank = 0
         self.run_dir: Optional[str] = None  # recorded in every marker: which run wrote it
+        self.branched_from: Optional[str] = None  # the resume=PATH this run's branch started at (kept in latest)
         self.meta: dict[str, Any] = {}   # stored in every commit marker (the recipe: its composed config)
         self.line: list = [[uuid.uuid4().hex[:12], None]]  # a fresh run's own lineage, until a resume says otherwise
         self.head: Optional[str] = None  # the head checkpoint (name under root, or an absolute path)
@@ -495,6 +496,8 @@ class Checkpointer:
 
     def _follow_head(self, head: Optional[dict[str, Any]]) -> Resume:
         skipped: list = []
+        if head is not None and isinstance(head.get("branched_from"), str):
+            self.branched_from = head["branched_from"]
         if head is None:  # no head record (first run, or it was lost): the newest valid checkpoint here
             found = self._pick(self._top_level(), skipped)
             if found is None:
@@ -523,6 +526,14 @@ class Checkpointer:
         return Resume(found, head["line"] if found == head_path else read_marker(found)["line"], skipped=skipped)
 
     def _from_path(self, path: Path, head: Optional[dict[str, Any]]) -> Resume:
+        if head is not None and head.get("branched_from") == str(path.absolute()):
+            # The same command again (a requeue after going back): continue the branch this run
+            # started at PATH, whether or not PATH itself is still there (pruning may have taken it).
+            resume = self._follow_head(head)
+            if resume.path is not None and resume.path.absolute() != path.absolute():
+                log.info("resume=%s: this run already branched from it; resuming the branch's newest commit %s",
+                         self.resume, resume.path)
+            return resume
         why = why_invalid(path, verify=self.verify)
         if why:
             raise ConfigError(f"resume={self.resume!r} is not a valid checkpoint: {why}; "
@@ -550,6 +561,8 @@ class Checkpointer:
         checkpoint's; a new branch moves what is not its ancestor out of the way (rank 0)."""
         self.line = [list(s) for s in resume.line]
         self.head = self._name(resume.path)
+        if resume.branched:
+            self.branched_from = str(resume.path.absolute())
         self.last_committed_step = step
         if self.rank == 0:
             if resume.branched:
@@ -578,8 +591,10 @@ class Checkpointer:
                         f"moved to {place}" if self.keep_abandoned else "deleted (keep_abandoned=false)")
 
     def _write_head(self, path: Path, step: int) -> None:
-        _write_atomic(self.root / LATEST, json.dumps({"checkpoint": self._name(path), "step": step,
-                                                      "line": self.line}) + "\n", self.fsync)
+        head = {"checkpoint": self._name(path), "step": step, "line": self.line}
+        if self.branched_from is not None:
+            head["branched_from"] = self.branched_from  # where resume=PATH started this branch
+        _write_atomic(self.root / LATEST, json.dumps(head) + "\n", self.fsync)
 
     # -- reading and writing ----------------------------------------------------------------
 

@@ -140,3 +140,18 @@ def test_a_commit_whose_head_record_cannot_be_replaced_still_counts(tmp_path, ca
     assert head(tmp_path) == "step_00000010"
     (tmp_path / (LATEST + ".tmp")).rmdir()
     assert Run(tmp_path).decision.path.name == "step_00000020"  # the newer commit of the head's line
+
+
+def test_going_back_then_requeued_continues_the_branch_after_pruning_took_its_start(tmp_path):
+    """resume=PATH, stopped, the same command again (a SLURM requeue): the branch continues even
+    once pruning removed PATH itself; the resume is the branch's newest commit."""
+    Run(tmp_path, keep=3).train_to(30)
+    back = tmp_path / "step_00000010"
+    Run(tmp_path, resume=str(back), keep=3).train_to(40)  # 20', 30', 40' committed: 10 pruned
+    assert not back.exists() and names(tmp_path) == ["step_00000020", "step_00000030", "step_00000040"]
+    again = Run(tmp_path, resume=str(back), keep=3)  # the requeued job: the same command
+    assert again.decision.path.name == "step_00000040" and again.step == 40 and not again.decision.branched
+    again.train_to(50)
+    third = Run(tmp_path, resume=str(back), keep=3)  # and again: still the branch
+    assert third.step == 50
+    assert json.loads((tmp_path / LATEST).read_text())["branched_from"] == str(back.absolute())
