@@ -16,12 +16,23 @@ data), and per rank the data loader's position and every RNG (Python, NumPy, tor
 The data position and the RNGs are captured at `step_done()`, so a save is always of a step
 boundary: a stop agreed in the middle of the next step (between micro-batches or eval batches:
 `run.should_stop()`) saves the boundary before it, and the resume repeats that step from its
-first batch. Pull batches only through `run.batches()` (or the loader you gave as `data`): a
-batch taken from it ahead of time belongs to the next step, and a resume takes it again.
+first batch. Pull batches only through `run.batches()`. A loop that pulls the next step's batch
+before the step ends (prefetching, as nanoGPT does) declares it: `run.batches(ahead=1)`; each pull
+then records the state before it, a checkpoint holds the state before the first batch the next
+step uses, and the resume takes that batch again. An undeclared prefetch is refused at the second
+step (one line naming the fix), never silent.
+
+`data` may be a plain iterable or iterator (a generator): it is used as is, and its position is
+not saved; a resume is exact when its only state is the RNG that Run restores (a batch function
+drawing from torch's RNG); otherwise it starts from its beginning again (a warning says so).
+
+Without `with` (a loop at module level): `run.start()` ... `run.exit()`; `exit()` does what leaving
+the block does (the last save, the stop's record, the lease released), then ends the process.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -38,6 +49,7 @@ from preemptible.checkpoint import Checkpointer
 from preemptible.distributed import barrier, broadcast_object, exit_run, is_distributed, let_gloo_workers_finish
 from preemptible.checks import boolean, path as check_path, seconds
 from preemptible.errors import CheckpointError, ConfigError
+from preemptible.lifecycle import LIFECYCLE, attach as show_lifecycle
 from preemptible.metrics import Metrics
 from preemptible.notices import Notices
 from preemptible.trackers import TrackerFeed
@@ -114,7 +126,7 @@ class _RankState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         loaded = from_blob(state["blob"], "this rank's saved RNG and data position")
         set_rng_state(loaded["rng"])
-        if self.run.data is not None and loaded.get("data") is not None:
+        if self.run.data is not None and loaded.get("data") is not None and _stateful(self.run.data):
             self.run.data.load_state_dict(loaded["data"])
         self.run._epoch = int(loaded.get("epoch", 0))
 
@@ -229,13 +241,11 @@ class Run:
             raise ConfigError("optimizer= needs model= too (the optimizer's state is keyed by the model's parameters)")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model={type(model).__name__}; expected a torch.nn.Module")
-        for name, obj in (("scheduler", scheduler), ("data", data)):
-            if obj is not None and not _stateful(obj):
-                raise ConfigError(f"{name}={type(obj).__name__} has no state_dict()/load_state_dict(); "
-                                  + ("use torchdata.stateful_dataloader.StatefulDataLoader" if name == "data" else
-                                     "pass a torch.optim.lr_scheduler object"))
+        if scheduler is not None and not _stateful(scheduler):
+            raise ConfigError(f"scheduler={type(scheduler).__name__} has no state_dict()/load_state_dict(); pass a "
+                              "torch.optim.lr_scheduler object")
         if data is not None and not hasattr(data, "__iter__") and not hasattr(data, "__next__"):
-            raise ConfigError(f"data={type(data).__name__} is not iterable")
+            raise ConfigError(f"data={type(data).__name__} is not iterable; pass a loader, an iterable or an iterator")
         state = dict(state or {})
         for name, obj in state.items():
             if not isinstance(name, str) or not name or name in _RESERVED or name.startswith("rank"):
@@ -336,17 +346,24 @@ class Run:
         self._epoch = 0
         self._boundary: dict[str, Any] = {}
         self._iter: Optional[Iterator] = None
+        self._ahead = 0  # batches the loop holds beyond its current step (batches(ahead=N))
+        self._pre_pull: Any = collections.deque(maxlen=1)  # the state before each of the last `ahead` pulls
+        self._pulls = 0  # batches pulled through batches() by this process
+        self._pulls_at: list[int] = []  # _pulls at this process's first two step_done() calls
         self._leases: list[RunLease] = []
         self._log_handler: Optional[logging.Handler] = None
         self._hooks: list[Any] = []
         self._lr: Optional[float] = None
         self._entered = False
+        self._left = False
         self._created: list[Path] = []
         self._check = lambda: False
         self._check_between = lambda: False
         self._mid_step = False  # the stop was agreed by should_stop() (inside a step or an eval)
         self._dcp: dict[str, Any] = {}
         self._state_bytes: Optional[int] = None
+        self._resumed_step: Optional[int] = None
+        self._detach_lines: Any = None
         self._optimizer_counted = False
         try:
             Metrics(str(self.dir), enabled=False, max_steps=0, log_every=log_every)
@@ -355,6 +372,17 @@ class Run:
 
     # -- entering: own, install, resume ---------------------------------------------------------
 
+    def start(self) -> "Run":
+        """`with run:` without the block (a loop at module level): own, install, resume. End it with
+        `run.exit()` (which leaves as the block would, then ends the process) or `run.finish()`."""
+        return self.__enter__()
+
+    def finish(self) -> None:
+        """Leave a run begun with `start()` as the end of a `with run:` block does (the last save,
+        the stop's record, the lease released); `exit_code` is then set. Once; a no-op after."""
+        if self._entered and not self._left:
+            self.__exit__(None, None, None)
+
     def __enter__(self) -> "Run":
         if self._entered:
             raise RuntimeError("a Run is entered once; make a new Run for another run")
@@ -362,6 +390,7 @@ class Run:
         self._entered_at = time.time()
         self.rank = dist.get_rank() if is_distributed() else 0  # the process group may be newer than the Run
         self.world_size = dist.get_world_size() if is_distributed() else 1
+        self._detach_lines = show_lifecycle(self.rank)
         try:
             self._own()
             self.checkpointer.setup(str(self.dir), self.rank)
@@ -457,6 +486,7 @@ class Run:
         if self.handler is not None and getattr(self.handler, "_installed", False):
             self.handler.release()
         self._close_log()
+        self._stop_lines()
         for h in self._hooks:
             h.remove()
         self._release()
@@ -516,9 +546,10 @@ class Run:
             self.after_resume(marker, resume.path)
         cp.adopt(resume, self.step)
         self.resumed_from = resume.path
+        log.info("resumed from %s at step %d (written by %d rank(s), now %d; verified in %.2fs)", resume.path,
+                 self.step, saved_world, self.world_size, resume.verify_seconds, extra=LIFECYCLE)
+        self._resumed_step = self.step
         self._say_what_a_resume_cannot_know(marker)
-        log.info("resumed from %s at step %d (written by %d ranks, now %d; verified in %.2fs)", resume.path,
-                 self.step, saved_world, self.world_size, resume.verify_seconds)
         self.metrics.event("resumed", step=self.step, world_size=self.world_size, saved_world_size=saved_world,
                            params_sha256=self._digest(), branched=resume.branched, skipped=resume.skipped,
                            process_started=_process_start_time(), entered=self._entered_at,
@@ -534,9 +565,13 @@ class Run:
             log.warning("resumed a checkpoint written by the run in %s, not this one (%s): another run's "
                         "checkpoint directory, or this one moved; to start fresh, use a checkpoint_dir of its own",
                         writer, self.dir.absolute())
+        if self.data is not None and not _stateful(self.data):
+            log.warning("data=%s has no state_dict(): it starts again from its beginning; exact only if its only "
+                        "state is the RNG that Run restores (a batch function drawing from torch's RNG)",
+                        type(self.data).__name__)
         if self.data is None:
-            log.warning("data= was not given: the loop's own data starts from its beginning again (its position "
-                        "is not saved); pass the loader as data= (and iterate run.batches()) to resume it exactly")
+            log.warning("data= was not given: data the loop reads on its own starts from its beginning again (its "
+                        "position is not saved); pass the loader as data= (and iterate run.batches()) to resume it")
 
     def _continue_on_new_world(self, loaded: dict[str, Any], saved_world: int) -> None:
         """Per-rank RNG streams and data positions cannot carry over: reseed (seed, step, rank), and
@@ -564,56 +599,59 @@ class Run:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def _snapshot(self) -> None:
-        """This rank's RNGs and data position at a step boundary: what any save of this step holds."""
+    def _capture(self) -> dict[str, Any]:
+        """This rank's RNGs and data position now (what a save of a step boundary holds)."""
         data = self.data
         position = data.global_position() if data is not None and callable(getattr(data, "global_position", None)) \
             else None
         rng = rng_state()
         data_state = None
-        if data is not None:
+        if data is not None and _stateful(data):
             data_state = data.state_dict()
             # StatefulDataLoader.state_dict() creates the iterator if there is none yet, which draws
             # from torch's global RNG: undone, as in batches(), so that saving never moves the stream.
             torch.set_rng_state(rng["torch"])
-        self._boundary = {"rng": rng, "data": data_state, "epoch": self._epoch, "position": position}
+        return {"rng": rng, "data": data_state, "epoch": self._epoch, "position": position}
+
+    def _snapshot(self) -> None:
+        """The step boundary any save of this step holds: the state now, or, for a loop that holds
+        `ahead` batches (batches(ahead=N)), the state before the first batch the next step uses."""
+        if self._ahead and len(self._pre_pull) == self._ahead:
+            self._boundary = self._pre_pull[0]
+        else:
+            self._boundary = self._capture()
 
     @property
     def stopping(self) -> bool:
         """True once every rank agreed to stop (a signal, a time limit)."""
         return self.stop is not None
 
-    def batches(self) -> Iterator[Any]:
+    def batches(self, ahead: int = 0) -> Iterator[Any]:
         """The data's items, resumed where the last run stopped, epoch after epoch; ends on an agreed
-        stop, at max_steps, or when an iterator given as `data` is exhausted."""
+        stop, at max_steps, or when an iterator given as `data` is exhausted.
+
+        ahead: how many batches the loop holds beyond the step it is in when it calls step_done()
+        (nanoGPT's idiom, pulling the next step's batch before the step ends: ahead=1). Each pull
+        then records the state before it, and a checkpoint holds the state before the first batch
+        the next step uses: the resume pulls that batch again, exactly. Checked at the second
+        step: a loop that holds another number of batches ahead than declared is refused (ConfigError).
+        """
         if self.data is None:
-            raise ConfigError("batches() needs data= (an iterable with state_dict/load_state_dict)")
+            raise ConfigError("batches() needs data= (a loader, an iterable or an iterator)")
+        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 0:
+            raise ConfigError(f"batches(ahead={ahead!r}); expected an int >= 0 (batches held beyond the current step)")
         self._require_entered("batches")
+        if ahead != self._ahead:
+            self._ahead, self._pre_pull = ahead, collections.deque(maxlen=ahead or 1)
         empty_epochs = 0
         while not self.stopping and (self.max_steps is None or self.step < self.max_steps):
-            fresh = self._iter is None
-            if fresh:
-                if hasattr(self.data, "__next__"):
-                    self._iter = self.data
-                else:
-                    sampler = getattr(self.data, "sampler", None)
-                    if callable(getattr(sampler, "set_epoch", None)):
-                        sampler.set_epoch(self._epoch)
+            if self._ahead:
+                self._pre_pull.append(self._capture())
             try:
-                if fresh and self._iter is None:
-                    # Starting an epoch draws from torch's global RNG (the loader's base seed, a
-                    # sampler's seed) unless the loader has a generator of its own; a resumed run
-                    # starts its iterator at another point of the stream than an uninterrupted
-                    # one, so the draw is undone: the training's random stream never sees it.
-                    cpu_rng = torch.get_rng_state()
-                    try:
-                        self._iter = iter(self.data)
-                        item = next(self._iter)
-                    finally:
-                        torch.set_rng_state(cpu_rng)
-                else:
-                    item = next(self._iter)
+                item = self._next_item()
             except StopIteration:
+                if self._ahead:
+                    self._pre_pull.pop()
                 if self._iter is self.data:
                     return
                 self._iter = None
@@ -623,7 +661,44 @@ class Run:
                     raise ConfigError("data yields no batches: an epoch of it is empty") from None
                 continue
             empty_epochs = 0
+            self._pulls += 1
             yield item
+
+    def _next_item(self) -> Any:
+        fresh = self._iter is None
+        if fresh:
+            if hasattr(self.data, "__next__"):
+                self._iter = self.data  # an iterator (a generator): used as is
+            else:
+                sampler = getattr(self.data, "sampler", None)
+                if callable(getattr(sampler, "set_epoch", None)):
+                    sampler.set_epoch(self._epoch)
+        if not (fresh and self._iter is None):
+            return next(self._iter)
+        # Starting an epoch draws from torch's global RNG (the loader's base seed, a sampler's seed)
+        # unless the loader has a generator of its own; a resumed run starts its iterator at another
+        # point of the stream than an uninterrupted one, so the draw is undone: the training's
+        # random stream never sees it.
+        cpu_rng = torch.get_rng_state()
+        try:
+            self._iter = iter(self.data)
+            return next(self._iter)
+        finally:
+            torch.set_rng_state(cpu_rng)
+
+    def _check_ahead(self) -> None:
+        """At the second step_done(): the batches pulled before the first step, less those pulled per
+        step since, is how many the loop holds ahead; it must be what batches(ahead=) declared."""
+        self._pulls_at.append(self._pulls)
+        if len(self._pulls_at) != 2 or self._pulls_at[1] == self._pulls_at[0]:
+            return
+        first, per_step = self._pulls_at[0], self._pulls_at[1] - self._pulls_at[0]
+        held = first - per_step
+        if held != self._ahead and held >= 0:
+            raise ConfigError(
+                f"the loop holds {held} batch(es) ahead (it pulled {first} before its first step_done() and "
+                f"{per_step} per step since), but batches(ahead={self._ahead}) says {self._ahead}: a checkpoint would "
+                f"record the wrong data position; iterate run.batches(ahead={held})")
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # An async save's copy of the weights must be complete before the optimizer changes them.
@@ -638,6 +713,7 @@ class Run:
         if self.stopping:
             raise RuntimeError("step_done() after the run agreed to stop; leave the loop (batches() has ended)")
         self.step += 1
+        self._check_ahead()
         self._snapshot()
         if loss is not None or metrics or self._lr is not None:
             self.metrics.step(self.step, loss, self._lr, **metrics)
@@ -698,7 +774,7 @@ class Run:
 
     def _require_entered(self, what: str) -> None:
         if not self._entered or self.metrics is None:
-            raise RuntimeError(f"Run.{what}() is used inside `with run:`")
+            raise RuntimeError(f"Run.{what}() is used inside `with run:` (or between run.start() and run.exit())")
 
     def _digest(self, always: bool = False) -> Optional[str]:
         if self.model is None or not (always or self.param_digests is True):
@@ -709,8 +785,9 @@ class Run:
     # -- leaving: the last save, the exit status ----------------------------------------------
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._entered or self.metrics is None:
+        if not self._entered or self.metrics is None or self._left:
             return None
+        self._left = True
         try:
             if exc_type is None:
                 self._finish()
@@ -729,7 +806,11 @@ class Run:
             self.last_checkpoint = self._save()
             self.metrics.event("done", step=self.step, params_sha256=self._digest(always=self.param_digests != False),
                                checkpoint=str(self.last_checkpoint))
-            log.info("done at step %d", self.step)
+            if self._resumed_step == self.step and self.max_steps is not None and self.step >= self.max_steps:
+                log.info("already finished at step %d (checkpoint %s): nothing to train", self.step,
+                         self.last_checkpoint, extra=LIFECYCLE)
+            else:
+                log.info("done at step %d; checkpoint %s", self.step, self.last_checkpoint, extra=LIFECYCLE)
             if self.handler is not None and self.handler.received:
                 log.info("%s arrived after the last step: the run is complete and committed, nothing to stop",
                          reason_name(self.handler.received[0][0]))
@@ -756,10 +837,10 @@ class Run:
                  else "run it again with resume='auto' to resume")
         if skipped:
             log.warning("stopped at step %d on %s without saving: %s; the resume starts from %s (%s)",
-                        self.step, stop.reason, skipped, cp.head or "scratch", again)
+                        self.step, stop.reason, skipped, cp.head or "scratch", again, extra=LIFECYCLE)
         else:
             log.info("stopped at step %d on %s; checkpoint %s; %s", self.step, stop.reason, self.last_checkpoint,
-                     again)
+                     again, extra=LIFECYCLE)
         self.exit_code = exit_status(stop, self.exit_code_on_stop)
 
     def _wait_upload(self, stop: Stop, cp: Checkpointer) -> bool:
@@ -812,6 +893,7 @@ class Run:
             let_gloo_workers_finish()  # gloo's threads finish their releases before any interpreter teardown
             self._close_log()
             self._release()
+            self._stop_lines()
         if clean and self.stop is not None and self.rank == 0 and want_requeue(self.requeue):
             slurm.requeue()  # only now: the checkpoint is durable and every rank is past its last collective
         if clean and self.exit_code is not None and self.handler is not None:
@@ -835,6 +917,11 @@ class Run:
             if _signal.getsignal(s) in (_signal.SIG_DFL, _signal.default_int_handler):
                 _signal.signal(s, late)
 
+    def _stop_lines(self) -> None:
+        if self._detach_lines is not None:
+            self._detach_lines()
+            self._detach_lines = None
+
     def _close_log(self) -> None:
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
@@ -848,7 +935,8 @@ class Run:
 
     def exit(self, fast: bool = True) -> None:
         """End the process with the run's exit status, on every rank (see `preemptible.exit_run`)."""
+        self.finish()  # begun with start(): leave as the block would
         if self.exit_code is None:
-            raise RuntimeError("Run.exit() before the run ended: call it after the `with run:` block")
+            raise RuntimeError("Run.exit() before the run began: call run.start() (or use `with run:`) first")
         exit_run(self.exit_code, signals=tuple(getattr(self.handler, "signals", ())), fast=fast)
 

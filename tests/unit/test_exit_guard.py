@@ -97,3 +97,37 @@ def test_late_term_and_int_after_a_finished_run_end_it_with_its_own_status(tmp_p
         """)
         proc = _run(code)
         assert proc.returncode == 0, (when, proc.returncode, proc.stderr[-2000:])
+
+
+LIFECYCLE_LOOP = """
+import os, signal, sys, torch, preemptible
+{setup}
+run = preemptible.Run(sys.argv[1], model=torch.nn.Linear(1, 1), max_steps=int(sys.argv[2]), interval=0)
+with run:
+    while run.step < run.max_steps:
+        run.step_done()
+        if run.step == 3 and sys.argv[3] == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+            run.step_done()
+            break
+run.exit()
+"""
+
+
+def test_lifecycle_lines_on_stderr_with_no_logging_configured_and_silenced_on_request(tmp_path):
+    """No logging set up: a stop, a resume, the end and running a finished run again each say so in
+    a line on stderr; configuring logging (or a level for 'preemptible') is the way to silence them."""
+    def go(steps, mode, setup=""):
+        proc = subprocess.run([sys.executable, "-c", LIFECYCLE_LOOP.format(setup=setup), str(tmp_path / "run"),
+                               str(steps), mode], capture_output=True, text=True, timeout=120)
+        return proc.returncode, proc.stderr
+
+    code, err = go(6, "term")
+    assert code == 143 and "preemptible: stopped at step 4 on SIGTERM; checkpoint" in err, err
+    code, err = go(6, "")
+    assert code == 0 and "preemptible: resumed from" in err and "at step 4" in err, err
+    assert "preemptible: done at step 6; checkpoint" in err and "step_00000006" in err, err
+    code, err = go(6, "")
+    assert code == 0 and "preemptible: already finished at step 6" in err, err
+    code, err = go(6, "", setup="import logging; logging.getLogger('preemptible').setLevel(logging.WARNING)")
+    assert code == 0 and "already finished" not in err and "resumed from" not in err, err

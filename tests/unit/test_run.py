@@ -267,5 +267,5 @@ def test_a_resume_says_what_it_cannot_know(tmp_path, caplog):
         if run.resumed_from is None:
             assert "data= was not given" not in said
             continue
-        assert "data= was not given: the loop's own data starts from its beginning again" in said
+        assert "data= was not given: data the loop reads on its own starts from its beginning again" in said
         assert ("written by the run in" in said) == (run_dir == "second"), said

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 import signal
 import sysconfig
 from typing import Any, Iterator, Optional, Sequence
@@ -94,9 +95,11 @@ class Batches:
                                                   seed=seed, drop_last=True)
         # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
         # run's dropout would differ from an uninterrupted one.
-        self.loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                         num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
-                                         worker_init_fn=_leave_signals_to_the_main_process if num_workers else None)
+        with warnings.catch_warnings():  # torchdata's own deprecation notice about torch.set_vital: not the user's
+            warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
+            self.loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+                                             num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+                                             worker_init_fn=_leave_signals_to_the_main_process if num_workers else None)
         self.batch_size, self.world_size = batch_size, world_size
         self.epoch = 0
         self.seen = 0  # samples this rank has taken in the current epoch

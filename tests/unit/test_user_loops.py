@@ -1,0 +1,111 @@
+"""Loops as users write them, in one process with real signals: prefetching the next batch
+(nanoGPT's idiom), a plain batch function drawing from torch's RNG, and a loop without `with`."""
+
+import os
+import signal
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from preemptible import ConfigError, Run, params_sha256
+
+STEPS, ACCUM = 10, 2
+
+
+def loader():
+    g = torch.Generator().manual_seed(1)
+    return StatefulDataLoader(TensorDataset(torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g)),
+                              batch_size=4, shuffle=True)  # shuffled from torch's global RNG, which Run restores
+
+
+def rng_batches():
+    """nanoGPT's get_batch as a generator: its only state is torch's global RNG."""
+    data = torch.arange(400.0)
+    while True:
+        ix = torch.randint(len(data) - 5, (4,))
+        x = torch.stack([data[i:i + 4] for i in ix]) / 400
+        yield x, x.sum(1, keepdim=True)
+
+
+def prefetching_loop(run_dir, make_data, ahead=1, term_at=None, declared=None, module_level=False):
+    """nanoGPT's shape: the first batch before the loop; inside, grad accumulation that pulls the
+    next batch right after each forward; dropout draws from the RNG; one step_done per step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run = Run(run_dir, model=model, optimizer=opt, data=make_data(), max_steps=STEPS, interval=3)
+    losses = []
+    if module_level:
+        run.start()
+    else:
+        run.__enter__()
+    batches = run.batches(ahead=ahead if declared is None else declared)
+    x, y = next(batches)
+    while run.step < STEPS and not run.stopping:
+        for _ in range(ACCUM):
+            loss = torch.nn.functional.mse_loss(model(x), y) / ACCUM
+            x, y = next(batches)  # the next micro-batch (or the next step's first) while the GPU would work
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 6))
+        if term_at is not None and run.step + 1 == term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        run.step_done(loss=loss)
+    run.finish()
+    return run, losses, params_sha256(model)
+
+
+@pytest.mark.parametrize("data", [loader, rng_batches], ids=["StatefulDataLoader", "rng_generator"])
+def test_a_prefetching_loop_resumes_bit_identically(tmp_path, data):
+    ref, ref_losses, ref_digest = prefetching_loop(tmp_path / "ref", data)
+    assert ref.exit_code == 0 and len(ref_losses) == STEPS
+    stopped, first, _ = prefetching_loop(tmp_path / "run", data, term_at=5)
+    assert stopped.exit_code == 143 and stopped.step == 5
+    resumed, rest, digest = prefetching_loop(tmp_path / "run", data)
+    assert resumed.resumed_from.name == "step_00000005" and resumed.exit_code == 0
+    assert first + rest == ref_losses and digest == ref_digest
+
+
+def test_an_undeclared_prefetch_is_refused_at_the_second_step_naming_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"holds 1 batch\(es\) ahead .* iterate run.batches\(ahead=1\)"):
+        prefetching_loop(tmp_path / "run", loader, declared=0)
+    assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))  # nothing saved with a wrong position
+
+
+def test_a_loop_at_module_level_with_start_and_exit_is_exact_too(tmp_path):
+    ref = prefetching_loop(tmp_path / "ref", loader, module_level=True)
+    stopped = prefetching_loop(tmp_path / "run", loader, term_at=4, module_level=True)
+    assert stopped[0].exit_code == 143
+    resumed = prefetching_loop(tmp_path / "run", loader, module_level=True)
+    assert stopped[1] + resumed[1] == ref[1] and resumed[2] == ref[2]
+
+
+def test_a_plain_iterable_is_accepted_and_its_restart_is_said(tmp_path, caplog):
+    import logging
+
+    model = torch.nn.Linear(4, 1)
+    data = [(torch.full((2, 4), float(i)), torch.ones(2, 1)) for i in range(3)]
+    seen = []
+    for steps in (2, 4):
+        run = Run(tmp_path / "run", model=model, data=data, max_steps=steps, interval=0, signals=None)
+        with caplog.at_level(logging.WARNING, logger="preemptible.run"), run:
+            for x, y in run.batches():
+                seen.append(float(x[0, 0]))
+                run.step_done()
+    assert run.step == 4 and seen == [0.0, 1.0, 0.0, 1.0]  # the second run began the list again
+    assert any("has no state_dict(): it starts again from its beginning" in r.getMessage() for r in caplog.records)
+
+
+def test_start_exit_and_batches_misuse_are_named(tmp_path):
+    run = Run(tmp_path / "run", model=torch.nn.Linear(1, 1), data=[1, 2], signals=None)
+    with pytest.raises(RuntimeError, match="between run.start"):
+        run.step_done()
+    run.start()
+    with pytest.raises(ConfigError, match=r"batches\(ahead=-1\)"):
+        next(run.batches(ahead=-1))
+    run.finish()
+    run.finish()  # once; a no-op after
+    assert run.exit_code == 0
