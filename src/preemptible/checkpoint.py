@@ -331,10 +331,15 @@ class Checkpointer:
         probe = self.root / f".write-probe-rank{rank}-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self.write_bytes_per_s = _write_speed(probe, self.fsync)
+            probe.write_text("ok")
+            probe.unlink()
         except OSError as e:
             raise ConfigError(f"dir={str(self.root)!r} is not writable ({e.strerror}); "
                               "choose a writable directory with dir=PATH") from None
+        try:
+            self.write_bytes_per_s = _write_speed(probe, self.fsync)
+        except OSError as e:  # little space left, a file size limit: a save may still fit; estimate without it
+            log.debug("checkpoint: the write-speed probe failed (%s)", e)
         if self.async_save and is_distributed():
             # The background thread's collectives must not interleave with training's on one group.
             self._group = dist.new_group(backend="gloo")
@@ -509,7 +514,8 @@ class Checkpointer:
             skipped.append((str(path), why))
         head_path = self._resolve(head["checkpoint"])
         if head_path not in candidates and head_path.exists():  # the head is outside root: a branch point elsewhere?
-            why = self._foreign_head(head_path, head["line"])
+            inside = head_path.absolute().parent == self.root.absolute()
+            why = None if inside else self._foreign_head(head_path, head["line"])
             if why is None:
                 candidates.append(head_path)
             else:

@@ -911,10 +911,12 @@ class Run:
             return
         code = self.exit_code
 
-        def late(signum: int, frame: Any) -> None:
-            raise SystemExit(code)
         for s in getattr(self.handler, "signals", ()):
-            if _signal.getsignal(s) in (_signal.SIG_DFL, _signal.default_int_handler):
+            current = _signal.getsignal(s)
+            if current in (_signal.SIG_DFL, _signal.default_int_handler):
+                def late(signum: int, frame: Any) -> None:
+                    raise SystemExit(code)
+                late.preemptible_original = current  # type: ignore[attr-defined] -- a later run restores this
                 _signal.signal(s, late)
 
     def _stop_lines(self) -> None:

@@ -373,7 +373,9 @@ class DistributedSignalHandler:
         installed: list[int] = []
         try:
             for s in self.signals:
-                self._original[s] = signal.getsignal(s)
+                current = signal.getsignal(s)
+                # A finished run's "end with my status" handler stands in for what was there before it.
+                self._original[s] = getattr(current, "preemptible_original", current)
                 signal.signal(s, self._handle)
                 installed.append(s)
         except BaseException:

@@ -22,7 +22,7 @@ from conftest import REFERENCE_STEPS
 from recipe_helpers import (REPO, run_many, events, interrupt_at, losses, run, start, wait_for_step,
                             worker_pids_by_rank)
 from preemptible import storage
-from preemptible.checkpoint import COMMIT, why_invalid
+from preemptible.checkpoint import COMMIT, marker_checksum, why_invalid
 from preemptible.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -205,6 +205,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, reference):
     (newest / ".metadata").write_bytes(pickle.dumps(Payload(target)))
     marker = json.loads((newest / COMMIT).read_text())
     marker["files"][".metadata"] = list(storage.file_crc32c(newest / ".metadata"))  # consistent: only safety stops it
+    marker["marker_crc32c"] = marker_checksum(marker)
     (newest / COMMIT).write_text(json.dumps(marker))
     for args in ([], [f"checkpoint.resume={newest}"], [f"model.init_from={newest}"]):
         code, out = run(tmp_path / "other" if args and "init_from" in args[0] else run_dir, "trainer.max_steps=50", *args)

@@ -40,7 +40,7 @@ def test_a_torn_tail_is_left_out_and_the_next_run_starts_a_new_line(tmp_path):
     m.step(2, loss=0.5)
     rows = read_metrics(tmp_path)  # the torn line is now a whole line of its own, skipped
     assert [r.get("event", r.get("step")) for r in rows] == [1, "resumed", 2]
-    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON object"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a metrics row"):
         read_metrics(path, strict=True)
 
 

@@ -218,7 +218,7 @@ def test_methods_outside_the_block_say_so(tmp_path):
     run = Run(tmp_path / "run", model=torch.nn.Linear(1, 1))
     with pytest.raises(RuntimeError, match="inside `with run:`"):
         run.step_done()
-    with pytest.raises(RuntimeError, match="after the `with run:` block"):
+    with pytest.raises(RuntimeError, match="before the run began"):
         run.exit()
 
 
