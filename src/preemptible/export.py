@@ -187,14 +187,17 @@ def format_status(info: dict[str, Any]) -> str:
         out.append(f"set aside in abandoned/: {', '.join(info['abandoned'])}")
     out.append("")
     out.append("starts and stops (metrics.jsonl):")
-    shown = [e for e in info["events"] if e.get("event") in ("resumed", "preempted", "done")]
+    shown = [e for e in info["events"] if e.get("event") in ("resumed", "preempted", "done", "killed", "failed")]
     for e in shown:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"])) if isinstance(e.get("time"), (int, float)) else "?"
         what = {"resumed": lambda: f"resumed from {e.get('from')} on {e.get('world_size')} ranks",
                 "preempted": lambda: f"stopped on {e.get('signal')} " + (
                     f"(checkpoint {Path(e['checkpoint']).name})" if e.get("checkpoint") else
                     f"without saving: {e.get('save_skipped')}"),
-                "done": lambda: "done"}[e["event"]]()
+                "done": lambda: "done",
+                "killed": lambda: f"killed (no stop recorded; found by the next start): {e.get('redone')} step(s) "
+                                  f"trained again from step {e.get('resumed_step')}",
+                "failed": lambda: f"failed ({e.get('error')}): no final save"}[e["event"]]()
         out.append(f"  {when}  step {e.get('step'):>8}  {what}")
     if not shown:
         out.append("  (none recorded)")

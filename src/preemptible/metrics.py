@@ -14,6 +14,10 @@ import torch
 
 log = logging.getLogger("preemptible.train")
 
+METRICS = "metrics.jsonl"
+PROGRESS = "progress.json"  # the last step reached, rewritten in place every step (no fsync: a kill keeps it)
+ENDS = ("done", "preempted", "failed", "killed")  # events that close a run's segment of metrics.jsonl
+
 
 class Metrics:
     """Appends one JSON object per step and per event to `<run dir>/metrics.jsonl` (rank 0 only).
@@ -26,7 +30,9 @@ class Metrics:
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every={log_every!r}; expected an int >= 1")
         self.enabled, self.log_every, self.max_steps = enabled, log_every, max_steps
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = os.path.join(run_dir, METRICS)
+        self.progress_path = os.path.join(run_dir, PROGRESS)
+        self._progress_fd: Optional[int] = None
         self._pending: list[tuple[int, Any, Optional[float], float, dict]] = []
         self._checked_tail = False
         self.sinks: list[Any] = []  # callables given every appended row (steps and events), in order
@@ -47,7 +53,9 @@ class Metrics:
         if not self.enabled:
             return
         detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
-        self._pending.append((step, detach(loss), lr, time.time(), {k: detach(v) for k, v in extra.items()}))
+        now = time.time()
+        self._pending.append((step, detach(loss), lr, now, {k: detach(v) for k, v in extra.items()}))
+        self._reached(step, now)
         if len(self._pending) >= self.log_every:
             self.flush()
 
@@ -101,13 +109,54 @@ class Metrics:
         for sink in self.sinks:
             sink(rows)
 
+    def _reached(self, step: int, now: float) -> None:
+        """The step reached, in PROGRESS: one pwrite in place, so a kill between flushes still
+        leaves the step it happened at (the page cache survives the process)."""
+        try:
+            if self._progress_fd is None:
+                self._progress_fd = os.open(self.progress_path, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.pwrite(self._progress_fd, (json.dumps({"step": step, "time": round(now, 3)}).ljust(63) + "\n").encode(), 0)
+        except OSError:
+            pass  # a progress record is a convenience for status and plot; never a reason to stop training
+
     def close(self, outcome: Optional[str] = None) -> None:
         """Flush; on a terminal the bar ends with `outcome` ("done", "stopped: SIGTERM at step 12")."""
         self.flush()
+        if self._progress_fd is not None:
+            os.close(self._progress_fd)
+            self._progress_fd = None
         if self._bar is not None:
             if outcome:
                 self._bar.set_description(f"train: {outcome}")
             self._bar.close()
+
+
+def unclean_end(run_dir: Union[str, "os.PathLike[str]"]) -> Optional[int]:
+    """The step the last run reached if it ended without a record of its end (killed: SIGKILL, the
+    node lost), from durable facts: the last metrics row and the PROGRESS record. None if it ended
+    cleanly (done, stopped, failed) or there was no run."""
+    rows = read_metrics(run_dir)
+    open_ = False
+    last_step = None
+    for row in rows:
+        if row.get("event") in ENDS:
+            open_ = False
+        elif row.get("event") == "resumed" or "event" not in row:
+            open_ = True
+            if "event" not in row:
+                last_step = row["step"]
+    progress = None
+    try:
+        with open(os.path.join(os.fspath(run_dir), PROGRESS)) as f:
+            record = json.loads(f.read().strip() or "null")
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            progress = record["step"]
+    except (OSError, ValueError):
+        pass
+    if not open_ and not (progress is not None and not rows):
+        return None
+    reached = [s for s in (last_step, progress) if s is not None]
+    return max(reached) if reached else None
 
 
 def _ends_torn(path: str) -> bool:

@@ -38,7 +38,7 @@ def interruptions(run_dir: Any) -> list[Interruption]:
             last_time, last_step = row.get("time"), row["step"]
             first_done.setdefault(row["step"], row.get("time"))
             continue
-        if row["event"] == "preempted":
+        if row["event"] in ("preempted", "killed", "failed"):
             last_stop = row
         elif row["event"] == "done":
             finished = True
@@ -52,7 +52,7 @@ def interruptions(run_dir: Any) -> list[Interruption]:
             typical = statistics.median(gaps) if gaps else 0.0
             lost = (nxt["time"] - since - typical) if nxt and since else None
             out.append(Interruption(last_stop["step"] if last_stop else last_step,
-                                    last_stop.get("signal", "?") if last_stop else "killed", step,
+                                    last_stop.get("signal") or last_stop["event"] if last_stop else "killed", step,
                                     None if lost is None else max(lost, 0.0),
                                     bool(last_stop and last_stop.get("save_skipped"))))
             last_stop, last_time, finished = None, None, False

@@ -50,7 +50,7 @@ from preemptible.distributed import barrier, broadcast_object, exit_run, is_dist
 from preemptible.checks import boolean, path as check_path, seconds
 from preemptible.errors import CheckpointError, ConfigError
 from preemptible.lifecycle import LIFECYCLE, attach as show_lifecycle
-from preemptible.metrics import Metrics
+from preemptible.metrics import METRICS, PROGRESS, Metrics, unclean_end
 from preemptible.notices import Notices
 from preemptible.trackers import TrackerFeed
 from preemptible.ownership import RunLease
@@ -363,6 +363,7 @@ class Run:
         self._dcp: dict[str, Any] = {}
         self._state_bytes: Optional[int] = None
         self._resumed_step: Optional[int] = None
+        self._killed_at: Optional[int] = None
         self._detach_lines: Any = None
         self._optimizer_counted = False
         try:
@@ -396,6 +397,7 @@ class Run:
             self.checkpointer.setup(str(self.dir), self.rank)
             self.checkpointer.owner_check = self._leases[0].check if self._leases else None
             self.checkpointer.meta = {**self.meta}
+            self._killed_at = unclean_end(self.dir) if self.rank == 0 else None  # before this run writes
             self.metrics = Metrics(str(self.dir), enabled=self.rank == 0, max_steps=self.max_steps or 0,
                                    log_every=self.log_every)
             self._dcp = self._state_for_dcp()
@@ -412,6 +414,7 @@ class Run:
             early_rows: list[dict] = []  # the resumed event, for the trackers that start once the step is known
             self.metrics.sinks.append(early_rows.extend)
             self._resume()
+            self._record_kill()  # a kill with nothing to resume from (no checkpoint yet)
             self.metrics.sinks.remove(early_rows.extend)
             if self.rank == 0 and self._feed.trackers:
                 self._feed.start(self.dir, self.step if self.resumed_from else None, self.meta.get("config"),
@@ -491,7 +494,7 @@ class Run:
             h.remove()
         self._release()
         if self.rank == 0 and self._created:
-            for name in (self.log_file_name, "metrics.jsonl"):
+            for name in (self.log_file_name, METRICS, PROGRESS):
                 if name:
                     (self.dir / name).unlink(missing_ok=True)
             for d in [self.dir / "checkpoints", *self._created]:
@@ -550,11 +553,22 @@ class Run:
                  self.step, saved_world, self.world_size, resume.verify_seconds, extra=LIFECYCLE)
         self._resumed_step = self.step
         self._say_what_a_resume_cannot_know(marker)
+        self._record_kill()
         self.metrics.event("resumed", step=self.step, world_size=self.world_size, saved_world_size=saved_world,
                            params_sha256=self._digest(), branched=resume.branched, skipped=resume.skipped,
                            process_started=_process_start_time(), entered=self._entered_at,
                            verify_seconds=round(resume.verify_seconds, 4), load_seconds=round(load_seconds, 4),
                            **{"from": str(resume.path)})
+
+    def _record_kill(self) -> None:
+        """The last run ended with no record (killed): say so, at the step it reached, with the steps
+        this run does again (from the resume step)."""
+        if self._killed_at is None:
+            return
+        reached, self._killed_at = max(self._killed_at, self.step), None
+        self.metrics.event("killed", step=reached, signal="killed", resumed_step=self.step, redone=reached - self.step)
+        log.warning("the last run ended without a stop (killed, or its machine lost) at step %d; %d step(s) are "
+                    "trained again from step %d", reached, reached - self.step, self.step, extra=LIFECYCLE)
 
     def _say_what_a_resume_cannot_know(self, marker: dict[str, Any]) -> None:
         """One warning each where a resume is legal but may not be what the user meant."""
@@ -795,6 +809,8 @@ class Run:
                 log.error("the loop raised %s: no final save; the last committed checkpoint (%s) stays the "
                           "one to resume from", exc_type.__name__, self.checkpointer.head or "none")
                 self.exit_code = 1
+                self.metrics.event("failed", step=self.step, error=exc_type.__name__,
+                                   checkpoint=self.checkpointer.head)
         finally:
             self._leave(clean=exc_type is None)
         return None

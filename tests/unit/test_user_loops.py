@@ -41,19 +41,23 @@ def prefetching_loop(run_dir, make_data, ahead=1, term_at=None, declared=None, m
         run.start()
     else:
         run.__enter__()
-    batches = run.batches(ahead=ahead if declared is None else declared)
-    x, y = next(batches)
-    while run.step < STEPS and not run.stopping:
-        for _ in range(ACCUM):
-            loss = torch.nn.functional.mse_loss(model(x), y) / ACCUM
-            x, y = next(batches)  # the next micro-batch (or the next step's first) while the GPU would work
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 6))
-        if term_at is not None and run.step + 1 == term_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        run.step_done(loss=loss)
+    try:
+        batches = run.batches(ahead=ahead if declared is None else declared)
+        x, y = next(batches)
+        while run.step < STEPS and not run.stopping:
+            for _ in range(ACCUM):
+                loss = torch.nn.functional.mse_loss(model(x), y) / ACCUM
+                x, y = next(batches)  # the next micro-batch (or the next step's first) while the GPU would work
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(round(loss.item(), 6))
+            if term_at is not None and run.step + 1 == term_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            run.step_done(loss=loss)
+    except BaseException as e:  # what `with` would do (a module-level script just ends the process)
+        run.__exit__(type(e), e, e.__traceback__)
+        raise
     run.finish()
     return run, losses, params_sha256(model)
 
@@ -109,3 +113,39 @@ def test_start_exit_and_batches_misuse_are_named(tmp_path):
     run.finish()
     run.finish()  # once; a no-op after
     assert run.exit_code == 0
+
+
+KILLED_LOOP = """
+import os, signal, sys, torch
+from preemptible import Run
+run = Run(sys.argv[1], model=torch.nn.Linear(1, 1), max_steps=100, interval=20, log_every=10)
+with run:
+    while run.step < 100:
+        run.step_done(loss=torch.tensor(1.0))
+        if run.step == 47:
+            os.kill(os.getpid(), signal.SIGKILL)  # between two flushes of the metrics rows
+"""
+
+
+def test_a_kill_between_metrics_flushes_is_reported_at_the_step_it_happened(tmp_path):
+    """SIGKILL at step 47 (rows are flushed every 10): the next start finds no record of the end,
+    says killed at 47 from the progress record, and that 7 steps (from the checkpoint at 40) are redone;
+    status and plot say so too."""
+    import subprocess
+    import sys
+
+    from preemptible.export import format_status, status
+    from preemptible.metrics import read_metrics
+    from preemptible.plot import interruptions
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_LOOP, str(tmp_path / "run")], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert max(r["step"] for r in read_metrics(tmp_path / "run") if "event" not in r) == 40  # rows lag the kill
+    run = Run(tmp_path / "run", model=torch.nn.Linear(1, 1), max_steps=50, interval=0, signals=None)
+    with run:
+        while run.step < 50:
+            run.step_done()
+    killed = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "killed"]
+    assert [(k["step"], k["resumed_step"], k["redone"]) for k in killed] == [(47, 40, 7)]
+    assert "7 step(s) trained again from step 40" in format_status(status(tmp_path / "run"))
+    assert [(i.reason, i.stop_step, i.resume_step) for i in interruptions(tmp_path / "run")] == [("killed", 47, 40)]
