@@ -68,12 +68,23 @@ def events(run_dir, name=None):
     return [r for r in rows(run_dir) if "event" in r and (name is None or r["event"] == name)]
 
 
+def reached(run_dir):
+    """The step the run has reached: its progress record (rewritten every step), else its rows."""
+    import json
+
+    try:
+        return json.loads((Path(run_dir) / "progress.json").read_text().strip())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        done = losses(run_dir)
+        return max(done) if done else 0
+
+
 def wait_for_step(run_dir, step, proc, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = losses(run_dir)
-        if done and max(done) >= step:
-            return max(done)
+        now = reached(run_dir)
+        if now >= step:
+            return now
         if proc.poll() is not None:
             raise AssertionError(f"run exited ({proc.returncode}) before step {step}:\n{proc.stdout.read()}")
         time.sleep(0.02)

@@ -133,3 +133,43 @@ def preemptible_digest(weights):
         h.update(name.encode())
         h.update(weights[name].contiguous().view(__import__("torch").uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def test_nanogpt_loop_term_ctrl_c_and_sigkill_under_torchrun_resume_bit_identically(tmp_path):
+    """examples/nanogpt.py (module-level loop, prefetch, RNG-driven batches, grad accumulation,
+    eval, its own ckpt.pt), 2 ranks under torchrun: TERM to one worker, then Ctrl-C to the whole
+    process group, then SIGKILL to one worker; each time the same command resumes, and the end is
+    bit-identical to an uninterrupted run, every step's loss and every eval included."""
+    common = ["--max_iters=40", "--interval=10", "--eval_interval=10", "--step_seconds=0.05"]
+    code, out = finish(launch("nanogpt.py", tmp_path / "ref", *common))
+    assert code == 0, out
+    ref = tmp_path / "ref"
+    run_dir = tmp_path / "run"
+
+    code, out = interrupt("nanogpt.py", run_dir, 7, *common, sig=signal.SIGTERM)
+    assert set(worker_statuses(out)) == {143}, out
+    term = events(run_dir, "preempted")[-1]
+    assert term["signal"] == "SIGTERM" and term["checkpoint"], out
+
+    proc = launch("nanogpt.py", run_dir, *common)
+    wait_for_step(run_dir, term["step"] + 6, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the agent and both workers
+    code, out = finish(proc)
+    ctrl_c = events(run_dir, "preempted")[-1]
+    assert ctrl_c["signal"] == "SIGINT" and ctrl_c["checkpoint"] and ctrl_c["step"] > term["step"], out
+
+    proc = launch("nanogpt.py", run_dir, *common)
+    wait_for_step(run_dir, 33, proc)  # past the periodic checkpoint at 30
+    os.kill(worker_pids_by_rank(proc.pid, 2)[1], signal.SIGKILL)
+    finish(proc)
+    code, out = finish(launch("nanogpt.py", run_dir, *common))
+    assert code == 0, out
+    assert [e["step"] for e in events(run_dir, "resumed")] == [term["step"], ctrl_c["step"], 30]
+    assert events(run_dir, "killed")[0]["resumed_step"] == 30
+
+    def by_step(d, key):
+        return {r["step"]: r[key] for r in rows(d) if key in r}
+    assert by_step(run_dir, "loss") == by_step(ref, "loss")
+    assert by_step(run_dir, "val_loss") == by_step(ref, "val_loss")
+    assert events(run_dir, "done")[-1]["params_sha256"] == events(ref, "done")[-1]["params_sha256"]
+    assert (run_dir / "ckpt.pt").is_file()
