@@ -23,14 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -40,20 +37,16 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from preemptible import faults, heartbeat
-from preemptible.distributed import barrier, broadcast_object, is_distributed
+from preemptible.distributed import barrier, is_distributed
 from preemptible.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from preemptible.remote import Remote, Uploader, is_remote
-from preemptible.safe_load import SafePlanner, SafeReader, plain_name
-from preemptible.storage import SUMS_PREFIX, file_crc32c, file_writer
+from preemptible.checkpoint_layout import (ABANDONED, COMMIT, FORMAT, LATEST, in_line, marker_checksum,  # noqa: F401
+                                           read_marker, step_of, why_invalid)  # (this module's face: re-exported)
+from preemptible.checkpoint_resume import Finding, Resume  # noqa: F401 -- Resume: part of this module's face
+from preemptible.safe_load import SafePlanner, SafeReader
+from preemptible.storage import SUMS_PREFIX, file_writer, fsync_path, write_atomic
 
 log = logging.getLogger(__name__)
-
-COMMIT = "COMMITTED"
-LATEST = "latest"
-ABANDONED = "abandoned"
-FORMAT = 2  # markers with checksums and lineage
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
 
 @contextmanager
 def _quiet_single_process() -> Iterator[None]:
@@ -61,27 +54,6 @@ def _quiet_single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
-
-
-def _fsync_path(path: Path, durable: bool = True) -> None:
-    if not durable:
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str, durable: bool = True) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent, durable)
 
 
 @contextmanager
@@ -113,11 +85,6 @@ def _write_speed(probe: Path, durable: bool) -> float:
     return PROBE_BYTES / max(time.perf_counter() - started, 1e-4)
 
 
-def step_of(path: Path) -> Optional[int]:
-    m = _STEP_DIR.match(Path(path).name)
-    return int(m.group(1)) if m else None
-
-
 def describe_failure(e: BaseException) -> str:
     """One line for a DCP failure: the first failing rank's own exception, not DCP's wrapper."""
     failures = getattr(e, "failures", None)
@@ -127,113 +94,7 @@ def describe_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
-# ----------------------------------------------------------------------------- markers
-
-
-def marker_checksum(info: dict[str, Any]) -> int:
-    """CRC-32C of a marker's JSON without its own `marker_crc32c` (keys sorted)."""
-    import crc32c
-
-    rest = {k: v for k, v in info.items() if k != "marker_crc32c"}
-    return crc32c.crc32c(json.dumps(rest, sort_keys=True).encode())
-
-
-def read_marker(path: Path) -> dict[str, Any]:
-    """The commit marker as a dict (files: name -> [size, crc32c or None]); ValueError if unreadable,
-    if it lists a file outside its directory, or if its own checksum does not match."""
-    try:
-        info = json.loads((Path(path) / COMMIT).read_text())
-        if not isinstance(info, dict):
-            raise ValueError("not a JSON object")
-        crc = info.get("marker_crc32c")
-        if crc is not None and crc != marker_checksum(info):
-            raise ValueError("it does not match its own checksum: it changed after it was written")
-        files = {name: (list(v) if isinstance(v, (list, tuple)) else [v, None]) for name, v in dict(info["files"]).items()}
-        for name, (size, crc) in files.items():
-            if not plain_name(name):
-                raise ValueError(f"it lists {name!r}, which is not a file of this checkpoint's own directory")
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not (
-                    crc is None or (isinstance(crc, int) and not isinstance(crc, bool))):
-                raise ValueError(f"bad entry for {name}")
-        info["files"] = files
-        for key in ("step", "world_size"):
-            value = info.get(key, 1)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "step" else 1):
-                raise ValueError(f"{key}={value!r} is not a {'step number' if key == 'step' else 'rank count'}")
-        info.setdefault("world_size", 1)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"unreadable {COMMIT} marker ({e})") from None
-    if not isinstance(info.get("lineage"), str):  # a marker from before lineages: a line of its own
-        info["lineage"] = "legacy"
-    line = info.get("line")
-    if not (isinstance(line, list) and line and all(isinstance(s, list) and len(s) == 2 for s in line)):
-        info["line"] = [[info["lineage"], None]]
-    return info
-
-
-def why_invalid(path: Path, verify: bool = False) -> Optional[str]:
-    """None if `path` is a committed, complete checkpoint; otherwise the reason it is not.
-
-    Without `verify` only sizes are checked (cheap); with it every file's CRC-32C too (reads it all).
-    Every file must be a regular file inside the directory (not a link): nothing outside a
-    checkpoint is ever read through it.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return "not a directory"
-    if not (path / COMMIT).is_file() or (path / COMMIT).is_symlink():
-        return f"no {COMMIT} marker (the save did not finish)"
-    try:
-        files = read_marker(path)["files"]
-    except ValueError as e:
-        return str(e)
-    if ".metadata" not in files:
-        return "the commit marker lists no .metadata"
-    for name, (size, _) in files.items():
-        f = path / name
-        if f.is_symlink():
-            return f"{name} is a link (a checkpoint's files are its own)"
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} is {f.stat().st_size} bytes, the commit says {size} (truncated or changed)"
-    if verify:
-        return _verify_checksums(path, files)
-    return None
-
-
-def _verify_checksums(path: Path, files: dict[str, list]) -> Optional[str]:
-    names = [n for n, (_, crc) in files.items() if crc is not None]
-    if not names:
-        return None  # an old marker without checksums: sizes are all it can say
-    names.sort(key=lambda n: -files[n][0])  # biggest first: the pool finishes together
-    with ThreadPoolExecutor(max_workers=min(4, len(names)), thread_name_prefix="preemptible-verify") as pool:
-        for name, (size, crc) in zip(names, pool.map(lambda n: file_crc32c(path / n), names)):
-            if crc != files[name][1]:
-                return (f"{name} does not match its checksum (crc32c {crc:08x}, the commit says "
-                        f"{files[name][1]:08x}): its bytes changed after it was written")
-    return None
-
-
-def in_line(marker: dict[str, Any], line: list) -> bool:
-    """Whether a checkpoint (its marker) is on `line`: the line's own lineage, or an ancestor segment."""
-    lineage, step = marker["lineage"], marker["step"]
-    if lineage == line[-1][0]:
-        return True
-    return any(seg_lineage == lineage and seg_end is not None and step <= seg_end for seg_lineage, seg_end in line[:-1])
-
-
-@dataclass
-class Resume:
-    """What `Checkpointer.resume_path` decided: where to load from, and the line the run continues."""
-    path: Optional[Path]
-    line: list = field(default_factory=list)
-    branched: bool = False          # a new lineage starts at `path` (resume=PATH of an older checkpoint)
-    skipped: list = field(default_factory=list)  # (path, why) of checkpoints passed over
-    verify_seconds: float = 0.0
-
-
-class Checkpointer:
+class Checkpointer(Finding):
     """Save, commit, prune and find checkpoints under `dir` (default: `<run dir>/checkpoints`).
 
     interval: save every N steps (0: only on a stop signal and at the end).
@@ -362,203 +223,10 @@ class Checkpointer:
     def _resolve(self, name: str) -> Path:
         return Path(name) if os.path.isabs(name) else self.root / name
 
-    # -- finding ---------------------------------------------------------------------------
-
-    def _top_level(self) -> list[Path]:
-        """Checkpoint directories directly under root, newest step first."""
-        dirs = [p for p in self.root.iterdir() if step_of(p) is not None and p.is_dir()] if self.root.is_dir() else []
-        return sorted(dirs, key=step_of, reverse=True)
-
-    def _by_line(self, line: list) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
-        """Top-level checkpoints, newest first, split by `line`: on it, off it, and those with a
-        COMMITTED marker that cannot be read (with why). Unfinished saves (no marker) are in none."""
-        on, off, unreadable = [], [], []
-        for path in self._top_level():
-            try:
-                (on if in_line(read_marker(path), line) else off).append(path)
-            except ValueError as e:
-                if (path / COMMIT).exists():
-                    unreadable.append((path, str(e)))
-        return on, off, unreadable
-
-    def committed(self) -> list[Path]:
-        """Structurally valid checkpoints directly under root (sizes checked, not checksums), newest first."""
-        return [p for p in self._top_level() if why_invalid(p) is None]
-
-    def read_head(self) -> Optional[dict[str, Any]]:
-        """`latest` as {"checkpoint", "step", "line"}; None if absent; ValueError if unusable."""
-        latest = self.root / LATEST
-        if not latest.exists():
-            return None
-        text = latest.read_text(errors="replace").strip()
-        try:
-            head = json.loads(text)
-            if not (isinstance(head, dict) and isinstance(head.get("checkpoint"), str) and isinstance(head.get("line"), list)
-                    and head["line"] and all(isinstance(s, list) and len(s) == 2 for s in head["line"])):
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"it is not a head record ({text[:80]!r})") from None
-        return head
-
-    @staticmethod
-    def _foreign_head(path: Path, line: list) -> Optional[str]:
-        """None if a head outside root is where this run's line branched (resume=PATH elsewhere);
-        otherwise why it is not followed (a copied or tampered `latest`)."""
-        try:
-            marker = read_marker(path)
-        except ValueError as e:
-            return str(e)
-        if len(line) >= 2 and line[-2] == [marker["lineage"], marker["step"]]:
-            return None
-        return (f"it names {path}, outside this run's checkpoint directory and not where this run's line "
-                "branched (a head copied from another run, or changed by hand)")
-
-    def _pick(self, candidates: list[Path], skipped: list) -> Optional[Path]:
-        """The first candidate that is valid (verified if `verify`); the others are logged and listed."""
-        for path in candidates:
-            why = why_invalid(path, verify=self.verify)
-            if why is None:
-                return path
-            log.warning("checkpoint: skipping %s: %s", path, why)
-            skipped.append((str(path), why))
-        return None
-
-    def resume_path(self) -> Resume:
-        """Where to resume from, decided by rank 0 and the same on every rank; ConfigError if invalid."""
-        decision: Any = None
-        if self.rank == 0:
-            started = time.perf_counter()
-            try:
-                fetched = self._fetch_remote() if self.remote is not None and self.resume == "auto" else []
-                decision = self._decide()
-                decision.skipped = fetched + decision.skipped
-                decision.verify_seconds = time.perf_counter() - started
-            except ConfigError as e:
-                decision = e
-        decision = broadcast_object(decision)
-        if isinstance(decision, ConfigError):
-            raise decision
-        return decision
-
-    def _fetch_remote(self) -> list:
-        """Rank 0: remote checkpoints newer than the newest valid local one are downloaded into the
-        local tier (newest first, until one is valid); returns [(where, why)] for those skipped."""
-        skipped: list = []
-        local = [p for p in self._top_level() if why_invalid(p) is None]
-        newest_local = step_of(local[0]) if local else -1
-        try:
-            committed, unfinished = self.remote.listing()
-        except Exception as e:  # noqa: BLE001 -- the store cannot be read: resume from what is here
-            log.warning("checkpoint: %s cannot be listed (%s); resuming from the local tier only", self.remote.url, e)
-            return skipped
-        for step, name in unfinished:
-            if step > newest_local:
-                why = f"no {COMMIT} object (an upload that did not finish)"
-                log.warning("checkpoint: skipping %s: %s", self.remote.where(name), why)
-                skipped.append((self.remote.where(name), why))
-        for step, name in committed:
-            if step <= newest_local:
-                break
-            started = time.perf_counter()
-            into = self.root / f"{name}.download"
-            why = self.remote.download(name, into)
-            if why is None:
-                final = self.root / name
-                if final.exists():  # an unfinished local save of the same step
-                    shutil.rmtree(final)
-                os.rename(into, final)
-                _fsync_path(self.root, self.fsync)
-                log.info("checkpoint: downloaded %s from %s in %.2fs (sizes and CRC-32C checked)", name,
-                         self.remote.url, time.perf_counter() - started)
-                break
-            log.warning("checkpoint: skipping %s: %s", self.remote.where(name), why)
-            skipped.append((self.remote.where(name), why))
-        return skipped
-
     def wait_upload(self, timeout: Optional[float] = None) -> bool:
         """Rank 0 with a remote dir: True once every committed checkpoint is uploaded (or failed:
         see `uploader.error`) within `timeout` seconds; True at once elsewhere."""
         return self.uploader.wait(timeout) if self.uploader is not None else True
-
-    def _decide(self) -> Resume:
-        head = None
-        try:
-            head = self.read_head()
-        except ValueError as e:
-            log.warning("checkpoint: ignoring %s: %s; the checkpoint directories are scanned instead",
-                        self.root / LATEST, e)
-        if self.resume == "never":
-            existing = self.committed()
-            if existing or head is not None:
-                newest = existing[0].name if existing else head["checkpoint"]
-                raise ConfigError(f"resume=never, but {self.root} already holds this run's checkpoints "
-                                  f"(newest: {newest}); use resume=auto to continue them, or a new "
-                                  "run directory (or checkpoint dir) to start fresh beside them")
-            return Resume(None, self.line)
-        if self.resume == "auto":
-            return self._follow_head(head)
-        return self._from_path(Path(self.resume), head)
-
-    def _follow_head(self, head: Optional[dict[str, Any]]) -> Resume:
-        skipped: list = []
-        if head is not None and isinstance(head.get("branched_from"), str):
-            self.branched_from = head["branched_from"]
-        if head is None:  # no head record (first run, or it was lost): the newest valid checkpoint here
-            found = self._pick(self._top_level(), skipped)
-            if found is None:
-                return Resume(None, self.line, skipped=skipped)
-            return Resume(found, read_marker(found)["line"], skipped=skipped)
-        candidates, _, unreadable = self._by_line(head["line"])
-        for path, why in unreadable:
-            log.warning("checkpoint: skipping %s: %s", path, why)
-            skipped.append((str(path), why))
-        head_path = self._resolve(head["checkpoint"])
-        if head_path not in candidates and head_path.exists():  # the head is outside root: a branch point elsewhere?
-            inside = head_path.absolute().parent == self.root.absolute()
-            why = None if inside else self._foreign_head(head_path, head["line"])
-            if why is None:
-                candidates.append(head_path)
-            else:
-                log.warning("checkpoint: not following %s: %s", self.root / LATEST, why)
-                skipped.append((str(head_path), why))
-        candidates.sort(key=lambda p: step_of(p) or 0, reverse=True)
-        found = self._pick(candidates, skipped)
-        if found is None:
-            reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in skipped) or "none is left"
-            raise ConfigError(f"no valid checkpoint is left on this run's line (head {head['checkpoint']}: {reasons}); "
-                              f"nothing was loaded or deleted. Resume from an older one with resume=PATH, "
-                              f"start over in a new run directory, or remove {self.root / LATEST} to take the newest "
-                              "valid checkpoint here")
-        return Resume(found, head["line"] if found == head_path else read_marker(found)["line"], skipped=skipped)
-
-    def _from_path(self, path: Path, head: Optional[dict[str, Any]]) -> Resume:
-        if head is not None and head.get("branched_from") == str(path.absolute()):
-            # The same command again (a requeue after going back): continue the branch this run
-            # started at PATH, whether or not PATH itself is still there (pruning may have taken it).
-            resume = self._follow_head(head)
-            if resume.path is not None and resume.path.absolute() != path.absolute():
-                log.info("resume=%s: this run already branched from it; resuming the branch's newest commit %s",
-                         self.resume, resume.path)
-            return resume
-        why = why_invalid(path, verify=self.verify)
-        if why:
-            raise ConfigError(f"resume={self.resume!r} is not a valid checkpoint: {why}; "
-                              "use resume=auto to take the newest valid one")
-        marker = read_marker(path)
-        segment = [marker["lineage"], marker["step"]]
-        if head is not None:
-            head_line = head["line"]
-            branched_here = len(head_line) >= 2 and head_line[-2] == segment
-            is_head = head_line[-1][0] == marker["lineage"] and self._resolve(head["checkpoint"]).resolve() == path.resolve()
-            if branched_here or is_head:
-                # The same command again (a requeue): continue the branch this run started at PATH.
-                resume = self._follow_head(head)
-                if resume.path is not None and resume.path.resolve() != path.resolve():
-                    log.info("resume=%s: this run already continued from it; resuming its newest "
-                             "commit %s", self.resume, resume.path)
-                return resume
-        line = [s for s in marker["line"][:-1]] + [segment, [uuid.uuid4().hex[:12], None]]
-        return Resume(path, line, branched=True)
 
     # -- after a successful load -----------------------------------------------------------
 
@@ -591,7 +259,7 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
             moved.append(path.name)
         if moved:
-            _fsync_path(self.root, self.fsync)
+            fsync_path(self.root, self.fsync)
             log.warning("checkpoint: resuming from %s starts a new branch; %s %s, not on it, %s", branch_point,
                         "checkpoint" if len(moved) == 1 else "checkpoints", ", ".join(moved),
                         f"moved to {place}" if self.keep_abandoned else "deleted (keep_abandoned=false)")
@@ -600,7 +268,7 @@ class Checkpointer:
         head = {"checkpoint": self._name(path), "step": step, "line": self.line}
         if self.branched_from is not None:
             head["branched_from"] = self.branched_from  # where resume=PATH started this branch
-        _write_atomic(self.root / LATEST, json.dumps(head) + "\n", self.fsync)
+        write_atomic(self.root / LATEST, json.dumps(head) + "\n", self.fsync)
 
     # -- reading and writing ----------------------------------------------------------------
 
@@ -740,7 +408,7 @@ class Checkpointer:
                   "lineage": self.line[-1][0], "line": self.line, "parent": self.head, "run_dir": self.run_dir}
         marker = {**self.meta, **marker}  # the marker's own keys win
         marker["marker_crc32c"] = marker_checksum(marker)
-        _write_atomic(partial / COMMIT, json.dumps(marker), self.fsync)
+        write_atomic(partial / COMMIT, json.dumps(marker), self.fsync)
         for f in partial.glob(f"{SUMS_PREFIX}*.json"):
             f.unlink()
         if final.exists():  # an unfinished or foreign directory of the same step: keep it apart, then drop it
@@ -754,7 +422,7 @@ class Checkpointer:
         heartbeat.beat()
         # Committed from here on: what follows only records and tidies; a failure says so and keeps it.
         try:
-            _fsync_path(self.root, self.fsync)
+            fsync_path(self.root, self.fsync)
             self._write_head(final, step)
         except OSError as e:
             log.warning("checkpoint: %s is committed, but %s could not be replaced (%s); a resume still finds "

@@ -169,7 +169,7 @@ class Remote:
     def download(self, name: str, into: Path) -> Optional[str]:
         """Fetch `name` into the directory `into` (created); None if it is complete and matches its
         marker's sizes and CRC-32C checksums, else why not (then `into` is removed)."""
-        from preemptible.checkpoint import why_invalid
+        from preemptible.checkpoint_layout import why_invalid
 
         shutil.rmtree(into, ignore_errors=True)
         into.mkdir(parents=True)

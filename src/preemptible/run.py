@@ -32,8 +32,6 @@ the block does (the last save, the stop's record, the lease released), then ends
 
 from __future__ import annotations
 
-import collections
-import json
 import logging
 import os
 import re
@@ -44,26 +42,28 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from preemptible import faults, slurm
+from preemptible import faults
 from preemptible.checkpoint import Checkpointer
-from preemptible.distributed import barrier, broadcast_object, exit_run, is_distributed, let_gloo_workers_finish
+from preemptible.distributed import barrier, broadcast_object, is_distributed
 from preemptible.checks import boolean, path as check_path, seconds
-from preemptible.errors import CheckpointError, ConfigError
+from preemptible.errors import ConfigError
 from preemptible.lifecycle import LIFECYCLE, attach as show_lifecycle
+from preemptible.feed import Feed, stateful
 from preemptible.metrics import METRICS, PROGRESS, Metrics, unclean_end
 from preemptible.notices import Notices
 from preemptible.trackers import TrackerFeed
 from preemptible.ownership import RunLease
-from preemptible.preemption import Stop, agreed_stop, end_time, exit_status, save_decision, want_requeue
-from preemptible.state import (ModelOptimState, PlainValues, check_plain, from_blob, params_sha256, rng_state,
-                               set_rng_state, state_nbytes, to_blob)
-from preemptible.stop import NOTICE, Deadline, reason_name
+from preemptible.run_end import Ending
+from preemptible.run_parts import (Progress, RankState, check_meta, check_optimizer, check_state, is_handler,
+                                   process_start_time)
+from preemptible.preemption import Stop, agreed_stop, end_time, want_requeue
+from preemptible.state import ModelOptimState, PlainValues, params_sha256, state_nbytes
+from preemptible.stop import NOTICE, Deadline
 
 log = logging.getLogger("preemptible.run")
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 SAVE_OVERHEAD = 0.5  # seconds a save costs beyond writing its bytes (collectives, metadata, the commit)
-_RESERVED = ("model_optim", "model", "lr_schedule", "progress")
 _UNSET = object()
 
 
@@ -77,108 +77,7 @@ def renamed(error: ConfigError, names: dict[str, str]) -> ConfigError:
     return new
 
 
-def _is_handler(obj: Any) -> bool:
-    """What Run uses of a handler (DistributedSignalHandler's interface)."""
-    return all(callable(getattr(obj, name, None)) for name in
-               ("__enter__", "release", "should_stop", "request_stop", "signals_received", "signals_by_rank"))
-
-
-def _stateful(obj: Any) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-
-
-class _Progress:
-    """DCP Stateful, the same on every rank: step, world size, the user's plain values, and the
-    data's global position (for a resume on another number of ranks)."""
-
-    def __init__(self, run: "Run"):
-        self.run = run
-        self.loaded: dict[str, Any] = {}
-
-    def state_dict(self) -> dict[str, Any]:
-        run = self.run
-        return {"step": run.step, "world_size": run.world_size, "epoch": run._boundary["epoch"],
-                "position": run._boundary.get("position"), "values": to_blob(dict(run.values))}
-
-    def check(self) -> None:
-        """Before a save: the values still read back (a list in them may have been changed in place)."""
-        for key, value in self.run.values.items():
-            check_plain(value, f"run.values[{key!r}]")
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loaded = dict(state)
-        self.run.step = int(state["step"])
-        if state.get("values") is not None:
-            self.run.values.clear()
-            self.run.values.update(from_blob(state["values"], "the run's saved values"))
-
-
-class _RankState:
-    """DCP Stateful for this rank: its RNGs and data position as they were at the last step boundary."""
-
-    def __init__(self, run: "Run"):
-        self.run = run
-
-    def state_dict(self) -> dict[str, Any]:
-        b = self.run._boundary
-        return {"blob": to_blob({"rng": b["rng"], "data": b["data"], "epoch": b["epoch"]})}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        loaded = from_blob(state["blob"], "this rank's saved RNG and data position")
-        set_rng_state(loaded["rng"])
-        if self.run.data is not None and loaded.get("data") is not None and _stateful(self.run.data):
-            self.run.data.load_state_dict(loaded["data"])
-        self.run._epoch = int(loaded.get("epoch", 0))
-
-
-# What a commit marker holds of its own; meta= cannot replace these.
-MARKER_KEYS = ("format", "step", "world_size", "time", "files", "lineage", "line", "parent", "run_dir",
-               "marker_crc32c")
-
-
-def _check_meta(meta: Any) -> None:
-    """meta= goes into every commit marker (JSON): plain JSON data, under keys of its own."""
-    if meta is None:
-        return
-    if not isinstance(meta, dict):
-        raise ConfigError(f"meta={meta!r}; expected a dict of JSON data (str keys) or None")
-    for key, value in meta.items():
-        if not isinstance(key, str) or key in MARKER_KEYS:
-            raise ConfigError(f"meta key {key!r}: expected a str other than {', '.join(MARKER_KEYS)}")
-        try:
-            json.dumps(value, allow_nan=True)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"meta[{key!r}] is not JSON data ({e}); store str, numbers, bools, None, lists "
-                              "and dicts (x.isoformat() for a datetime, x.tolist() for a tensor)") from None
-
-
-def _check_optimizer(optimizer: Any, model: Any) -> None:
-    """Every parameter the optimizer steps must be the model's (an optimizer built on another model
-    would make every save fail)."""
-    if optimizer is None or model is None:
-        return
-    groups = getattr(optimizer, "param_groups", None)
-    if not isinstance(groups, list):
-        raise ConfigError(f"optimizer={type(optimizer).__name__}; expected a torch.optim.Optimizer")
-    mine = {id(p) for p in model.parameters()}
-    foreign = sum(1 for g in groups for p in g.get("params", []) if id(p) not in mine)
-    if foreign:
-        raise ConfigError(f"optimizer= holds {foreign} parameter(s) that are not model='s; build the optimizer "
-                          "from the model you pass (after wrapping it in DDP or fully_shard)")
-
-
-def _process_start_time() -> Optional[float]:
-    """When this process started (wall clock; Linux /proc), for the resumed event's startup timings."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, ticks since boot
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
-        return round(time.time() - age, 3)
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
-class Run:
+class Run(Ending):
     """A training run that survives preemption: see the module docstring, and the README's
     "The library" section for every argument.
 
@@ -241,22 +140,17 @@ class Run:
             raise ConfigError("optimizer= needs model= too (the optimizer's state is keyed by the model's parameters)")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model={type(model).__name__}; expected a torch.nn.Module")
-        if scheduler is not None and not _stateful(scheduler):
+        if scheduler is not None and not stateful(scheduler):
             raise ConfigError(f"scheduler={type(scheduler).__name__} has no state_dict()/load_state_dict(); pass a "
                               "torch.optim.lr_scheduler object")
         if data is not None and not hasattr(data, "__iter__") and not hasattr(data, "__next__"):
             raise ConfigError(f"data={type(data).__name__} is not iterable; pass a loader, an iterable or an iterator")
         state = dict(state or {})
-        for name, obj in state.items():
-            if not isinstance(name, str) or not name or name in _RESERVED or name.startswith("rank"):
-                raise ConfigError(f"state key {name!r}: expected a name other than {', '.join(_RESERVED)} and rank*")
-            if not _stateful(obj):
-                raise ConfigError(f"state[{name!r}]={type(obj).__name__} has no state_dict()/load_state_dict(); "
-                                  "pass plain values in values= instead")
+        check_state(state)
         if values is not None and not isinstance(values, dict):
             raise ConfigError(f"values={values!r}; expected a dict of plain values")
-        _check_meta(meta)
-        _check_optimizer(optimizer, model)
+        check_meta(meta)
+        check_optimizer(optimizer, model)
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
             raise ConfigError(f"max_steps={max_steps!r}; expected an int >= 0 or None")
         if stop_check not in ("reduce", "gradients", "all_gather"):
@@ -270,7 +164,7 @@ class Run:
         if checkpointer is not None and not isinstance(checkpointer, Checkpointer):
             raise ConfigError(f"checkpointer={type(checkpointer).__name__}; expected a preemptible.checkpoint."
                               "Checkpointer (or None: one built from interval=, keep=, ...)")
-        if handler is not _UNSET and handler is not None and not _is_handler(handler):
+        if handler is not _UNSET and handler is not None and not is_handler(handler):
             raise ConfigError(f"handler={type(handler).__name__}; expected a preemptible.DistributedSignalHandler "
                               "(or None: no signal handling)")
         if stop_check == "gradients" and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -323,6 +217,7 @@ class Run:
                               "pass signals= (not None), or max_time=None and slurm_time_limit=False")
 
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
+        self.feed = Feed(data)
         self.extra = state
         self.values: dict[str, Any] = PlainValues()
         self.values.update(values or {})
@@ -343,13 +238,6 @@ class Run:
         self.last_checkpoint: Optional[Path] = None
         self.resumed_from: Optional[Path] = None
         self.metrics: Optional[Metrics] = None
-        self._epoch = 0
-        self._boundary: dict[str, Any] = {}
-        self._iter: Optional[Iterator] = None
-        self._ahead = 0  # batches the loop holds beyond its current step (batches(ahead=N))
-        self._pre_pull: Any = collections.deque(maxlen=1)  # the state before each of the last `ahead` pulls
-        self._pulls = 0  # batches pulled through batches() by this process
-        self._pulls_at: list[int] = []  # _pulls at this process's first two step_done() calls
         self._leases: list[RunLease] = []
         self._log_handler: Optional[logging.Handler] = None
         self._hooks: list[Any] = []
@@ -410,7 +298,7 @@ class Run:
                 from preemptible import early
 
                 early.release_held()  # no handling asked for: held signals act as they would have
-            self._snapshot()
+            self.feed.mark_boundary()
             early_rows: list[dict] = []  # the resumed event, for the trackers that start once the step is known
             self.metrics.sinks.append(early_rows.extend)
             self._resume()
@@ -420,7 +308,7 @@ class Run:
                 self._feed.start(self.dir, self.step if self.resumed_from else None, self.meta.get("config"),
                                  early_rows)
                 self.metrics.sinks.append(self._feed.add)
-            self._snapshot()
+            self.feed.mark_boundary()
             if self.optimizer is not None:
                 self._hooks.append(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
             self.metrics.start(self.step)
@@ -504,7 +392,7 @@ class Run:
                     pass
 
     def _state_for_dcp(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"progress": _Progress(self), f"rank{self.rank}": _RankState(self)}
+        state: dict[str, Any] = {"progress": Progress(self), f"rank{self.rank}": RankState(self.feed)}
         if self.model is not None:
             state["model_optim"] = ModelOptimState(self.model, self.optimizer)
         if self.scheduler is not None:
@@ -556,7 +444,7 @@ class Run:
         self._record_kill()
         self.metrics.event("resumed", step=self.step, world_size=self.world_size, saved_world_size=saved_world,
                            params_sha256=self._digest(), branched=resume.branched, skipped=resume.skipped,
-                           process_started=_process_start_time(), entered=self._entered_at,
+                           process_started=process_start_time(), entered=self._entered_at,
                            verify_seconds=round(resume.verify_seconds, 4), load_seconds=round(load_seconds, 4),
                            **{"from": str(resume.path)})
 
@@ -579,7 +467,7 @@ class Run:
             log.warning("resumed a checkpoint written by the run in %s, not this one (%s): another run's "
                         "checkpoint directory, or this one moved; to start fresh, use a checkpoint_dir of its own",
                         writer, self.dir.absolute())
-        if self.data is not None and not _stateful(self.data):
+        if self.data is not None and not self.feed.saves_position:
             log.warning("data=%s has no state_dict(): it starts again from its beginning; exact only if its only "
                         "state is the RNG that Run restores (a batch function drawing from torch's RNG)",
                         type(self.data).__name__)
@@ -592,13 +480,13 @@ class Run:
         continue the data where `data.resume_position` can, else restart its epoch."""
         import random
 
-        self._epoch = int(loaded.get("epoch") or 0)
+        self.feed.epoch = int(loaded.get("epoch") or 0)
         position = loaded.get("position")
         if self.data is not None and callable(getattr(self.data, "resume_position", None)) and position is not None:
             self.data.resume_position(position, saved_world)
             how = "the data continues at the same global position"
         else:
-            how = f"the data starts epoch {self._epoch} again (data has no resume_position())"
+            how = f"the data starts epoch {self.feed.epoch} again (data has no resume_position())"
         stream = self.seed * 1_000_003 + self.step * 1009 + self.rank
         random.seed(stream)
         torch.manual_seed(stream)
@@ -612,28 +500,6 @@ class Run:
                     "RNG streams are reseeded", saved_world, self.world_size, how)
 
     # -- the loop ---------------------------------------------------------------------------------
-
-    def _capture(self) -> dict[str, Any]:
-        """This rank's RNGs and data position now (what a save of a step boundary holds)."""
-        data = self.data
-        position = data.global_position() if data is not None and callable(getattr(data, "global_position", None)) \
-            else None
-        rng = rng_state()
-        data_state = None
-        if data is not None and _stateful(data):
-            data_state = data.state_dict()
-            # StatefulDataLoader.state_dict() creates the iterator if there is none yet, which draws
-            # from torch's global RNG: undone, as in batches(), so that saving never moves the stream.
-            torch.set_rng_state(rng["torch"])
-        return {"rng": rng, "data": data_state, "epoch": self._epoch, "position": position}
-
-    def _snapshot(self) -> None:
-        """The step boundary any save of this step holds: the state now, or, for a loop that holds
-        `ahead` batches (batches(ahead=N)), the state before the first batch the next step uses."""
-        if self._ahead and len(self._pre_pull) == self._ahead:
-            self._boundary = self._pre_pull[0]
-        else:
-            self._boundary = self._capture()
 
     @property
     def stopping(self) -> bool:
@@ -650,69 +516,9 @@ class Run:
         the next step uses: the resume pulls that batch again, exactly. Checked at the second
         step: a loop that holds another number of batches ahead than declared is refused (ConfigError).
         """
-        if self.data is None:
-            raise ConfigError("batches() needs data= (a loader, an iterable or an iterator)")
-        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 0:
-            raise ConfigError(f"batches(ahead={ahead!r}); expected an int >= 0 (batches held beyond the current step)")
         self._require_entered("batches")
-        if ahead != self._ahead:
-            self._ahead, self._pre_pull = ahead, collections.deque(maxlen=ahead or 1)
-        empty_epochs = 0
-        while not self.stopping and (self.max_steps is None or self.step < self.max_steps):
-            if self._ahead:
-                self._pre_pull.append(self._capture())
-            try:
-                item = self._next_item()
-            except StopIteration:
-                if self._ahead:
-                    self._pre_pull.pop()
-                if self._iter is self.data:
-                    return
-                self._iter = None
-                self._epoch += 1
-                empty_epochs += 1
-                if empty_epochs > 1:
-                    raise ConfigError("data yields no batches: an epoch of it is empty") from None
-                continue
-            empty_epochs = 0
-            self._pulls += 1
-            yield item
-
-    def _next_item(self) -> Any:
-        fresh = self._iter is None
-        if fresh:
-            if hasattr(self.data, "__next__"):
-                self._iter = self.data  # an iterator (a generator): used as is
-            else:
-                sampler = getattr(self.data, "sampler", None)
-                if callable(getattr(sampler, "set_epoch", None)):
-                    sampler.set_epoch(self._epoch)
-        if not (fresh and self._iter is None):
-            return next(self._iter)
-        # Starting an epoch draws from torch's global RNG (the loader's base seed, a sampler's seed)
-        # unless the loader has a generator of its own; a resumed run starts its iterator at another
-        # point of the stream than an uninterrupted one, so the draw is undone: the training's
-        # random stream never sees it.
-        cpu_rng = torch.get_rng_state()
-        try:
-            self._iter = iter(self.data)
-            return next(self._iter)
-        finally:
-            torch.set_rng_state(cpu_rng)
-
-    def _check_ahead(self) -> None:
-        """At the second step_done(): the batches pulled before the first step, less those pulled per
-        step since, is how many the loop holds ahead; it must be what batches(ahead=) declared."""
-        self._pulls_at.append(self._pulls)
-        if len(self._pulls_at) != 2 or self._pulls_at[1] == self._pulls_at[0]:
-            return
-        first, per_step = self._pulls_at[0], self._pulls_at[1] - self._pulls_at[0]
-        held = first - per_step
-        if held != self._ahead and held >= 0:
-            raise ConfigError(
-                f"the loop holds {held} batch(es) ahead (it pulled {first} before its first step_done() and "
-                f"{per_step} per step since), but batches(ahead={self._ahead}) says {self._ahead}: a checkpoint would "
-                f"record the wrong data position; iterate run.batches(ahead={held})")
+        return self.feed.batches(ahead, lambda: not self.stopping and (self.max_steps is None
+                                                                        or self.step < self.max_steps))
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # An async save's copy of the weights must be complete before the optimizer changes them.
@@ -727,8 +533,8 @@ class Run:
         if self.stopping:
             raise RuntimeError("step_done() after the run agreed to stop; leave the loop (batches() has ended)")
         self.step += 1
-        self._check_ahead()
-        self._snapshot()
+        self.feed.check_ahead()
+        self.feed.mark_boundary()
         if loss is not None or metrics or self._lr is not None:
             self.metrics.step(self.step, loss, self._lr, **metrics)
         self.deadline.step_done()
@@ -795,166 +601,3 @@ class Run:
             return None
         sharded = any(hasattr(p, "full_tensor") for p in self.model.parameters())
         return params_sha256(self.model) if self.rank == 0 or sharded else None
-
-    # -- leaving: the last save, the exit status ----------------------------------------------
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._entered or self.metrics is None or self._left:
-            return None
-        self._left = True
-        try:
-            if exc_type is None:
-                self._finish()
-            else:
-                log.error("the loop raised %s: no final save; the last committed checkpoint (%s) stays the "
-                          "one to resume from", exc_type.__name__, self.checkpointer.head or "none")
-                self.exit_code = 1
-                self.metrics.event("failed", step=self.step, error=exc_type.__name__,
-                                   checkpoint=self.checkpointer.head)
-        finally:
-            self._leave(clean=exc_type is None)
-        return None
-
-    def _finish(self) -> None:
-        cp = self.checkpointer
-        faults.inject("final_save", self.step)
-        if self.stop is None:
-            self.last_checkpoint = self._save()
-            self.metrics.event("done", step=self.step, params_sha256=self._digest(always=self.param_digests != False),
-                               checkpoint=str(self.last_checkpoint))
-            if self._resumed_step == self.step and self.max_steps is not None and self.step >= self.max_steps:
-                log.info("already finished at step %d (checkpoint %s): nothing to train", self.step,
-                         self.last_checkpoint, extra=LIFECYCLE)
-            else:
-                log.info("done at step %d; checkpoint %s", self.step, self.last_checkpoint, extra=LIFECYCLE)
-            if self.handler is not None and self.handler.received:
-                log.info("%s arrived after the last step: the run is complete and committed, nothing to stop",
-                         reason_name(self.handler.received[0][0]))
-            self.exit_code = 0
-            return
-        stop = self.stop
-        estimate, basis = self.save_estimate()
-        requeue = self.rank == 0 and want_requeue(self.requeue)
-        skipped, risk = save_decision(stop, self.grace_period, estimate, "a SLURM requeue" if requeue else None)
-        if risk and not skipped:
-            log.warning("%s (%s); saving anyway: a save cut off by the kill commits nothing, and the last "
-                        "committed checkpoint stays the one to resume from", risk, basis)
-        self.last_checkpoint = None if skipped else self._save()
-        extra: dict[str, Any] = {"save_skipped": skipped} if skipped else {}
-        if cp.uploader is not None and self.last_checkpoint is not None:
-            extra["uploaded"] = self._wait_upload(stop, cp)
-        if stop.notices:
-            extra["notices"] = stop.notices
-            extra["seconds_since_notice"] = round(time.time() - min(n["seen"] for n in stop.notices.values()), 3)
-        self.metrics.event("preempted", step=self.step, signal=stop.reason, ranks=stop.ranks, mid_step=self._mid_step,
-                           params_sha256=self._digest(), checkpoint=str(self.last_checkpoint) if self.last_checkpoint
-                           else None, **extra)
-        again = ("run the same command to resume" if cp.resume != "never"
-                 else "run it again with resume='auto' to resume")
-        if skipped:
-            log.warning("stopped at step %d on %s without saving: %s; the resume starts from %s (%s)",
-                        self.step, stop.reason, skipped, cp.head or "scratch", again, extra=LIFECYCLE)
-        else:
-            log.info("stopped at step %d on %s; checkpoint %s; %s", self.step, stop.reason, self.last_checkpoint,
-                     again, extra=LIFECYCLE)
-        self.exit_code = exit_status(stop, self.exit_code_on_stop)
-
-    def _wait_upload(self, stop: Stop, cp: Checkpointer) -> bool:
-        """Rank 0, remote dir: the stop's checkpoint must reach the store; wait as long as the grace
-        period (or a notice's deadline) allows, and say so when it cannot cover the upload."""
-        left = None
-        if self.grace_period is not None and stop.first_seen != float("inf"):
-            left = self.grace_period - (time.time() - stop.first_seen)
-        if stop.deadline is not None:
-            left = min(left if left is not None else float("inf"), stop.deadline - time.time())
-        guess = cp.remote.last_upload_seconds
-        name = self.last_checkpoint.name
-        if left is not None and guess is not None and guess > left:
-            log.warning("the upload of %s took ~%.1fs last time but only %.1fs are left before the kill: it may not "
-                        "finish; until it does %s's head stays %s", name, guess, max(left, 0), cp.remote.url,
-                        cp.uploader.uploaded or "none")
-        done = cp.wait_upload(None if left is None else max(left, 0.0))
-        if not done:
-            log.warning("the upload of %s did not finish in the %.1fs left; it is committed locally (%s), the remote "
-                        "head stays %s", name, max(left or 0, 0), cp.root, cp.uploader.uploaded or "none")
-        return done and cp.uploader.error is None and cp.uploader.uploaded == name
-
-    def _leave(self, clean: bool) -> None:
-        self._iter = None  # the data iterator (and its worker processes) need not outlive the run
-        if self.notices is not None:
-            self.notices.stop()
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        if self.handler is not None:
-            # The original handlers are back. A late TERM from torchrun (ending the other workers
-            # once one has exited) cannot come before every rank is inside exit(): its barrier
-            # follows ignoring late signals, so no worker exits before all of them ignore them.
-            self.handler.release()
-        try:
-            self.checkpointer.close()  # an async save in flight is committed (a valid checkpoint)
-        except CheckpointError:
-            if clean:
-                raise
-            log.exception("the save in flight failed too")
-        finally:
-            status = "failed" if not clean or self.exit_code is None else "preempted" if self.stop else "done"
-            reason = self.stop.reason if self.stop is not None else None
-            outcome = {"done": f"done at step {self.step}", "failed": f"failed at step {self.step}",
-                       "preempted": f"stopped at step {self.step} ({reason})"}[status]
-            self.metrics.close(outcome)
-            self._feed.finish(status, reason, self.step, self.checkpointer.last_committed_step)
-            if clean:
-                barrier()
-            let_gloo_workers_finish()  # gloo's threads finish their releases before any interpreter teardown
-            self._close_log()
-            self._release()
-            self._stop_lines()
-        if clean and self.stop is not None and self.rank == 0 and want_requeue(self.requeue):
-            slurm.requeue()  # only now: the checkpoint is durable and every rank is past its last collective
-        if clean and self.exit_code is not None and self.handler is not None:
-            self._end_on_late_signals()
-
-    def _end_on_late_signals(self) -> None:
-        """After the run ended (committed): the run's signals, where they would kill the process
-        (default disposition) or raise KeyboardInterrupt, end it with the run's own status instead
-        (SystemExit, raised in the main thread like Python's own KeyboardInterrupt), so a late TERM
-        before `exit()` does not turn a finished run into a signal death. `exit()` ignores them."""
-        import signal as _signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        code = self.exit_code
-
-        for s in getattr(self.handler, "signals", ()):
-            current = _signal.getsignal(s)
-            if current in (_signal.SIG_DFL, _signal.default_int_handler):
-                def late(signum: int, frame: Any) -> None:
-                    raise SystemExit(code)
-                late.preemptible_original = current  # type: ignore[attr-defined] -- a later run restores this
-                _signal.signal(s, late)
-
-    def _stop_lines(self) -> None:
-        if self._detach_lines is not None:
-            self._detach_lines()
-            self._detach_lines = None
-
-    def _close_log(self) -> None:
-        if self._log_handler is not None:
-            logging.getLogger().removeHandler(self._log_handler)
-            self._log_handler.close()
-            self._log_handler = None
-
-    def _release(self) -> None:
-        for lease in reversed(self._leases):
-            lease.release()
-        self._leases = []
-
-    def exit(self, fast: bool = True) -> None:
-        """End the process with the run's exit status, on every rank (see `preemptible.exit_run`)."""
-        self.finish()  # begun with start(): leave as the block would
-        if self.exit_code is None:
-            raise RuntimeError("Run.exit() before the run began: call run.start() (or use `with run:`) first")
-        exit_run(self.exit_code, signals=tuple(getattr(self.handler, "signals", ())), fast=fast)
-

@@ -70,11 +70,11 @@ PLAIN = "None, bool, int, float, str, bytes, tensors, and lists, tuples and dict
 def check_plain(value: Any, where: str) -> None:
     """ConfigError unless `value` reads back from a blob (what a resume does): the test of
     whether a checkpoint holding it can be resumed at all."""
-    from preemptible.errors import ConfigError, UnsafeCheckpointError
+    from preemptible.errors import ConfigError
 
     try:
         from_blob(to_blob(value), where)
-    except (UnsafeCheckpointError, Exception) as e:  # noqa: BLE001 -- unpicklable, or not loadable safely
+    except Exception:  # noqa: BLE001 -- unpicklable, or not loadable safely (UnsafeCheckpointError)
         shown = repr(value)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
         raise ConfigError(f"{where}={shown} ({type(value).__name__}) is not plain data a resume can load; store "

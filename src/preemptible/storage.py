@@ -176,3 +176,27 @@ def file_crc32c(path: str | os.PathLike, chunk: int = 8 << 20) -> tuple[int, int
                 return size, crc
             crc = crc32c.crc32c(view[:n], crc)
             size += n
+
+
+# ----------------------------------------------------------------------------- atomic small files
+
+
+def fsync_path(path: Path, durable: bool = True) -> None:
+    if not durable:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str, durable: bool = True) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent, durable)

@@ -86,10 +86,10 @@ def test_crafted_rank_state_never_runs(tmp_path):
     target = tmp_path / "pwned"
     with pytest.raises(UnsafeCheckpointError, match="not plain data"):
         from_blob(pickle.dumps(Payload(target)), "rank state")  # the old pickled format, or a crafted one
-    from preemptible.run import _RankState
+    from preemptible.run_parts import RankState
 
     with pytest.raises(UnsafeCheckpointError):
-        _RankState(run=None).load_state_dict({"blob": pickle.dumps(Payload(target))})
+        RankState(feed=None).load_state_dict({"blob": pickle.dumps(Payload(target))})
     assert not target.exists()
 
 

@@ -149,3 +149,30 @@ def test_a_kill_between_metrics_flushes_is_reported_at_the_step_it_happened(tmp_
     assert [(k["step"], k["resumed_step"], k["redone"]) for k in killed] == [(47, 40, 7)]
     assert "7 step(s) trained again from step 40" in format_status(status(tmp_path / "run"))
     assert [(i.reason, i.stop_step, i.resume_step) for i in interruptions(tmp_path / "run")] == [("killed", 47, 40)]
+
+
+def test_a_loader_with_a_generator_of_its_own_is_exact_across_the_next_epoch(tmp_path):
+    """StatefulDataLoader(shuffle=True, generator=g): the resumed iterator's creation draws a base
+    seed from g that the uninterrupted run never drew; the run puts g back as it was at the step
+    boundary, so the epoch after the resumed one is shuffled the same. 16 batches per epoch, 20 steps."""
+    def make():
+        g = torch.Generator().manual_seed(1)
+        return StatefulDataLoader(TensorDataset(torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g)),
+                                  batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(2))
+
+    def train(run_dir, term_at=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        run = Run(run_dir, model=model, optimizer=opt, data=make(), max_steps=20, interval=3)
+        seen = []
+        with run:
+            for x, y in run.batches():
+                seen.append(round(float(x[0, 0]), 5))
+                if term_at is not None and run.step + 1 == term_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                run.step_done()
+        return seen
+
+    ref = train(tmp_path / "ref")
+    assert train(tmp_path / "run", term_at=5) + train(tmp_path / "run") == ref

@@ -1,0 +1,117 @@
+"""The pieces `Run` is assembled from that need no Run method: what a checkpoint stores for the
+run (`Progress`, the same on every rank; `RankState`, per rank), and the checks of its arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+from preemptible.errors import ConfigError
+from preemptible.feed import stateful
+from preemptible.state import check_plain, from_blob, set_rng_state, to_blob
+
+# What a commit marker holds of its own; meta= cannot replace these.
+MARKER_KEYS = ("format", "step", "world_size", "time", "files", "lineage", "line", "parent", "run_dir",
+               "marker_crc32c")
+RESERVED = ("model_optim", "model", "lr_schedule", "progress")  # state= names a checkpoint uses itself
+
+
+def is_handler(obj: Any) -> bool:
+    """What Run uses of a handler (DistributedSignalHandler's interface)."""
+    return all(callable(getattr(obj, name, None)) for name in
+               ("__enter__", "release", "should_stop", "request_stop", "signals_received", "signals_by_rank"))
+
+
+class Progress:
+    """DCP Stateful, the same on every rank: step, world size, the user's plain values, and the
+    data's global position (for a resume on another number of ranks)."""
+
+    def __init__(self, run: Any):
+        self.run = run
+        self.loaded: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        run, boundary = self.run, self.run.feed.boundary
+        return {"step": run.step, "world_size": run.world_size, "epoch": boundary["epoch"],
+                "position": boundary.get("position"), "values": to_blob(dict(run.values))}
+
+    def check(self) -> None:
+        """Before a save: the values still read back (a list in them may have been changed in place)."""
+        for key, value in self.run.values.items():
+            check_plain(value, f"run.values[{key!r}]")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loaded = dict(state)
+        self.run.step = int(state["step"])
+        if state.get("values") is not None:
+            self.run.values.clear()
+            self.run.values.update(from_blob(state["values"], "the run's saved values"))
+
+
+class RankState:
+    """DCP Stateful for this rank: its RNGs and data position as they were at the last step boundary."""
+
+    def __init__(self, feed: Any):
+        self.feed = feed
+
+    def state_dict(self) -> dict[str, Any]:
+        b = self.feed.boundary
+        return {"blob": to_blob({"rng": b["rng"], "data": b["data"], "epoch": b["epoch"], "generator": b["generator"]})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        loaded = from_blob(state["blob"], "this rank's saved RNG and data position")
+        set_rng_state(loaded["rng"])
+        self.feed.restore_position(loaded.get("data"), int(loaded.get("epoch", 0)), loaded.get("generator"))
+
+
+def check_state(state: dict[str, Any]) -> None:
+    for name, obj in state.items():
+        if not isinstance(name, str) or not name or name in RESERVED or name.startswith("rank"):
+            raise ConfigError(f"state key {name!r}: expected a name other than {', '.join(RESERVED)} and rank*")
+        if not stateful(obj):
+            raise ConfigError(f"state[{name!r}]={type(obj).__name__} has no state_dict()/load_state_dict(); "
+                              "pass plain values in values= instead")
+
+
+def check_meta(meta: Any) -> None:
+    """meta= goes into every commit marker (JSON): plain JSON data, under keys of its own."""
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise ConfigError(f"meta={meta!r}; expected a dict of JSON data (str keys) or None")
+    for key, value in meta.items():
+        if not isinstance(key, str) or key in MARKER_KEYS:
+            raise ConfigError(f"meta key {key!r}: expected a str other than {', '.join(MARKER_KEYS)}")
+        try:
+            json.dumps(value, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"meta[{key!r}] is not JSON data ({e}); store str, numbers, bools, None, lists "
+                              "and dicts (x.isoformat() for a datetime, x.tolist() for a tensor)") from None
+
+
+def check_optimizer(optimizer: Any, model: Any) -> None:
+    """Every parameter the optimizer steps must be the model's (an optimizer built on another model
+    would make every save fail)."""
+    if optimizer is None or model is None:
+        return
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list):
+        raise ConfigError(f"optimizer={type(optimizer).__name__}; expected a torch.optim.Optimizer")
+    mine = {id(p) for p in model.parameters()}
+    foreign = sum(1 for g in groups for p in g.get("params", []) if id(p) not in mine)
+    if foreign:
+        raise ConfigError(f"optimizer= holds {foreign} parameter(s) that are not model='s; build the optimizer "
+                          "from the model you pass (after wrapping it in DDP or fully_shard)")
+
+
+def process_start_time() -> Optional[float]:
+    """When this process started (wall clock; Linux /proc), for the resumed event's startup timings."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, ticks since boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return round(time.time() - age, 3)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
