@@ -37,8 +37,11 @@ def command(run_dir, *overrides, nproc=1, nnodes=1, node_rank=0, port=None, laun
 
 def start(run_dir, *overrides, nproc=1, env=None, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.Popen(command(run_dir, *overrides, nproc=nproc, **kw), cwd=REPO, env=env,
+    started = time.time()
+    proc = subprocess.Popen(command(run_dir, *overrides, nproc=nproc, **kw), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.started_at = started  # wait_for_step: a progress record older than this is an earlier run's
+    return proc
 
 
 def run(run_dir, *overrides, nproc=1, timeout=240, **kw):
@@ -68,21 +71,26 @@ def events(run_dir, name=None):
     return [r for r in rows(run_dir) if "event" in r and (name is None or r["event"] == name)]
 
 
-def reached(run_dir):
-    """The step the run has reached: its progress record (rewritten every step), else its rows."""
+def reached(run_dir, since=0.0):
+    """The step the run has reached: its progress record (rewritten every step) if written since
+    `since` (a left-over one from an earlier run does not count), else its rows."""
     import json
 
+    progress = Path(run_dir) / "progress.json"
     try:
-        return json.loads((Path(run_dir) / "progress.json").read_text().strip())["step"]
+        if progress.stat().st_mtime >= since:
+            return json.loads(progress.read_text().strip())["step"]
     except (OSError, ValueError, KeyError, TypeError):
-        done = losses(run_dir)
-        return max(done) if done else 0
+        pass
+    done = losses(run_dir)
+    return max(done) if done else 0
 
 
 def wait_for_step(run_dir, step, proc, timeout=120):
     deadline = time.monotonic() + timeout
+    since = getattr(proc, "started_at", time.time())
     while time.monotonic() < deadline:
-        now = reached(run_dir)
+        now = reached(run_dir, since)
         if now >= step:
             return now
         if proc.poll() is not None:

@@ -196,7 +196,7 @@ def format_status(info: dict[str, Any]) -> str:
                     f"without saving: {e.get('save_skipped')}"),
                 "done": lambda: "done",
                 "killed": lambda: f"killed (no stop recorded; found by the next start): {e.get('redone')} step(s) "
-                                  f"trained again from step {e.get('resumed_step')}",
+                                  f"trained again from step {e.get('step')} (killed at step {e.get('reached')})",
                 "failed": lambda: f"failed ({e.get('error')}): no final save"}[e["event"]]()
         out.append(f"  {when}  step {e.get('step'):>8}  {what}")
     if not shown:

@@ -39,7 +39,7 @@ def interruptions(run_dir: Any) -> list[Interruption]:
             first_done.setdefault(row["step"], row.get("time"))
             continue
         if row["event"] in ("preempted", "killed", "failed"):
-            last_stop = row
+            last_stop = {**row, "step": row.get("reached", row["step"])}  # a kill: the step it happened at
         elif row["event"] == "done":
             finished = True
         elif row["event"] == "resumed":

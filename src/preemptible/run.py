@@ -454,7 +454,8 @@ class Run(Ending):
         if self._killed_at is None:
             return
         reached, self._killed_at = max(self._killed_at, self.step), None
-        self.metrics.event("killed", step=reached, signal="killed", resumed_step=self.step, redone=reached - self.step)
+        # At the step the run stands at (trackers take steps in order); `reached`: where the kill was.
+        self.metrics.event("killed", step=self.step, reached=reached, signal="killed", redone=reached - self.step)
         log.warning("the last run ended without a stop (killed, or its machine lost) at step %d; %d step(s) are "
                     "trained again from step %d", reached, reached - self.step, self.step, extra=LIFECYCLE)
 

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,11 @@ def launch(script, run_dir, *args, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(EXAMPLES / script), str(run_dir), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    started = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    proc.started_at = started
+    return proc
 
 
 def finish(proc, timeout=240):
@@ -165,7 +169,7 @@ def test_nanogpt_loop_term_ctrl_c_and_sigkill_under_torchrun_resume_bit_identica
     code, out = finish(launch("nanogpt.py", run_dir, *common))
     assert code == 0, out
     assert [e["step"] for e in events(run_dir, "resumed")] == [term["step"], ctrl_c["step"], 30]
-    assert events(run_dir, "killed")[0]["resumed_step"] == 30
+    assert events(run_dir, "killed")[0]["step"] == 30
 
     def by_step(d, key):
         return {r["step"]: r[key] for r in rows(d) if key in r}

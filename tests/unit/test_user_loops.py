@@ -146,7 +146,7 @@ def test_a_kill_between_metrics_flushes_is_reported_at_the_step_it_happened(tmp_
         while run.step < 50:
             run.step_done()
     killed = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "killed"]
-    assert [(k["step"], k["resumed_step"], k["redone"]) for k in killed] == [(47, 40, 7)]
+    assert [(k["reached"], k["step"], k["redone"]) for k in killed] == [(47, 40, 7)]
     assert "7 step(s) trained again from step 40" in format_status(status(tmp_path / "run"))
     assert [(i.reason, i.stop_step, i.resume_step) for i in interruptions(tmp_path / "run")] == [("killed", 47, 40)]
 
