@@ -47,9 +47,3 @@ def path(name: str, value: Any, *, none_ok: bool = False) -> None:
         value = os.fspath(value)
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{name}={value!r}; expected a directory path{' or null' if none_ok else ''}")
-
-
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message` (one line for a log or an error)."""
-    text = str(e).splitlines()[0][:limit] if str(e) else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -135,7 +135,7 @@ def unclean_end(run_dir: Union[str, "os.PathLike[str]"]) -> Optional[int]:
     """The step the last run reached if it ended without a record of its end (killed: SIGKILL, the
     node lost), from durable facts: the last metrics row and the PROGRESS record. None if it ended
     cleanly (done, stopped, failed) or there was no run."""
-    rows = read_metrics(run_dir)
+    rows = _tail_rows(os.path.join(os.fspath(run_dir), METRICS))  # the end of the file is all it needs
     open_ = False
     last_step = None
     for row in rows:
@@ -189,12 +189,31 @@ def read_metrics(path: Union[str, "os.PathLike[str]"], strict: bool = False) -> 
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
+        path = os.path.join(path, METRICS)
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return []
+    return _parse(data, path, strict)
+
+
+def _tail_rows(path: str, nbytes: int = 1 << 16) -> list[dict]:
+    """The well-formed rows in the last `nbytes` of a metrics file (the first, partial line dropped)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            start = max(0, f.tell() - nbytes)
+            f.seek(start)
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    if start:
+        data = data.split(b"\n", 1)[1] if b"\n" in data else b""
+    return _parse(data, path, strict=False)
+
+
+def _parse(data: bytes, path: str, strict: bool) -> list[dict]:
     lines = data.split(b"\n")
     lines.pop()  # after the last newline: "" or a line still being written
     out = []

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Optional, Sequence
 
+from preemptible.checks import seconds
 from preemptible.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class _Http:
     def __init__(self, endpoint: Optional[str] = None, timeout: float = 2.0):
         endpoint = endpoint or DEFAULT_ENDPOINTS[self.name]
         _check_endpoint(endpoint)
-        _check_seconds("timeout", timeout)
+        seconds("timeout", timeout, strict=True)
         self.endpoint, self.timeout = endpoint.rstrip("/"), float(timeout)
 
     def __repr__(self) -> str:
@@ -289,8 +290,8 @@ class Notices:
             raise ConfigError(f"cloud={cloud!r}; expected null (off), auto, aws, gcp or azure")
         if endpoint is not None:
             _check_endpoint(endpoint)
-        _check_seconds("poll_seconds", poll_seconds)
-        _check_seconds("timeout", timeout)
+        seconds("poll_seconds", poll_seconds, strict=True)
+        seconds("timeout", timeout, strict=True)
         if stop_file is not None and (not isinstance(stop_file, str) or not stop_file.strip()):
             raise ConfigError(f"stop_file={stop_file!r}; expected a file name (in the run directory), a path, "
                               "or null (off)")
@@ -421,8 +422,3 @@ def _check_endpoint(endpoint: Any) -> None:
     if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"endpoint={endpoint!r}; expected an http:// URL (the metadata service), or null for "
                           "the provider's own")
-
-
-def _check_seconds(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{name}={value!r}; expected seconds > 0")

@@ -64,6 +64,7 @@ log = logging.getLogger("preemptible.run")
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 SAVE_OVERHEAD = 0.5  # seconds a save costs beyond writing its bytes (collectives, metadata, the commit)
+DEFAULT_WRITE_SPEED = 100e6  # bytes/s assumed where the write-speed probe at start could not run
 _UNSET = object()
 
 
@@ -143,8 +144,7 @@ class Run(Ending):
         if scheduler is not None and not stateful(scheduler):
             raise ConfigError(f"scheduler={type(scheduler).__name__} has no state_dict()/load_state_dict(); pass a "
                               "torch.optim.lr_scheduler object")
-        if data is not None and not hasattr(data, "__iter__") and not hasattr(data, "__next__"):
-            raise ConfigError(f"data={type(data).__name__} is not iterable; pass a loader, an iterable or an iterator")
+        feed = Feed(data)  # checks data=
         state = dict(state or {})
         check_state(state)
         if values is not None and not isinstance(values, dict):
@@ -217,7 +217,7 @@ class Run(Ending):
                               "pass signals= (not None), or max_time=None and slurm_time_limit=False")
 
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
-        self.feed = Feed(data)
+        self.feed = feed
         self.extra = state
         self.values: dict[str, Any] = PlainValues()
         self.values.update(values or {})
@@ -253,7 +253,7 @@ class Run(Ending):
         self._resumed_step: Optional[int] = None
         self._killed_at: Optional[int] = None
         self._detach_lines: Any = None
-        self._optimizer_counted = False
+        self._bytes_final = False
         try:
             Metrics(str(self.dir), enabled=False, max_steps=0, log_every=log_every)
         except ValueError as e:
@@ -407,9 +407,7 @@ class Run(Ending):
             return lambda: False
         self._check_between = lambda: handler.should_stop(every_call=True) if self.stop_check == "reduce" \
             else any(handler.signals_received())
-        if self.stop_check == "gradients":
-            if not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
-                raise ConfigError("stop_check=gradients needs a DDP model with more than one rank; use reduce")
+        if self.stop_check == "gradients":  # a DDP model: checked when the Run was built
             handler.ride_on_gradients(self.model)
         if self.stop_check == "all_gather":
             return lambda: any(handler.signals_received())
@@ -539,7 +537,7 @@ class Run(Ending):
         if loss is not None or metrics or self._lr is not None:
             self.metrics.step(self.step, loss, self._lr, **metrics)
         self.deadline.step_done()
-        if self.handler is not None and self.deadline.end is not None and self.deadline.expired(self.save_estimate()[0]):
+        if self.handler is not None and self.deadline.end is not None and self.deadline.expired(self._save_seconds()):
             self.handler.request_stop()  # the time limit is near: voted like a signal
         faults.inject("step", self.step)
         if self._check():
@@ -556,18 +554,26 @@ class Run(Ending):
         given; else this rank's state bytes at the write speed measured when the run started, plus
         a fixed SAVE_OVERHEAD (the collectives, the commit)."""
         cp = self.checkpointer
+        seconds = self._save_seconds()
         if cp.last_save_seconds is not None:
-            return cp.last_save_seconds, "the last save took that long"
+            return seconds, "the last save took that long"
         if self.save_guess is not None:
-            return float(self.save_guess), "save_guess"
-        if self._state_bytes is None or (self.optimizer is not None and not self._optimizer_counted
-                                         and self.optimizer.state):
-            self._optimizer_counted = self.optimizer is not None and bool(self.optimizer.state)
+            return seconds, "save_guess"
+        speed = cp.write_bytes_per_s or DEFAULT_WRITE_SPEED
+        return seconds, (f"no save timed yet: {self._state_bytes / 2**20:.1f} MiB at the {speed / 2**20:.0f} MiB/s "
+                         "measured at start")
+
+    def _save_seconds(self) -> float:
+        """save_estimate()'s seconds alone (read every step while a time limit is set)."""
+        cp = self.checkpointer
+        if cp.last_save_seconds is not None:
+            return cp.last_save_seconds
+        if self.save_guess is not None:
+            return float(self.save_guess)
+        if self._state_bytes is None or not self._bytes_final:  # final once the optimizer holds its state
             self._state_bytes = state_nbytes(self.model, self.optimizer)
-        speed = cp.write_bytes_per_s or 100e6
-        mib = self._state_bytes / 2**20
-        return (SAVE_OVERHEAD + self._state_bytes / speed,
-                f"no save timed yet: {mib:.1f} MiB at the {speed / 2**20:.0f} MiB/s measured at start")
+            self._bytes_final = self.optimizer is None or bool(self.optimizer.state)
+        return SAVE_OVERHEAD + self._state_bytes / (cp.write_bytes_per_s or DEFAULT_WRITE_SPEED)
 
     def should_stop(self) -> bool:
         """The agreed stop check, usable between micro-batches and eval batches (every rank must call

@@ -67,11 +67,32 @@ def from_blob(blob: Any, what: str) -> Any:
 PLAIN = "None, bool, int, float, str, bytes, tensors, and lists, tuples and dicts of these"
 
 
+_SCALARS = (type(None), bool, int, float, str, bytes)
+
+
+def _plain_by_type(value: Any, depth: int = 0) -> bool:
+    """True for what a blob holds by its exact type alone (scalars, plain tensors, and lists,
+    tuples and str-keyed dicts of them): no round trip needed. False means: try one."""
+    kind = type(value)
+    if kind in _SCALARS or kind is torch.Tensor:
+        return True
+    if depth > 8:
+        return False
+    if kind in (list, tuple):
+        return all(_plain_by_type(v, depth + 1) for v in value)
+    if kind is dict:
+        return all(type(k) is str and _plain_by_type(v, depth + 1) for k, v in value.items())
+    return False
+
+
 def check_plain(value: Any, where: str) -> None:
     """ConfigError unless `value` reads back from a blob (what a resume does): the test of
-    whether a checkpoint holding it can be resumed at all."""
+    whether a checkpoint holding it can be resumed at all. Values plain by their type are
+    accepted without the round trip (an assignment every step costs next to nothing)."""
     from preemptible.errors import ConfigError
 
+    if _plain_by_type(value):
+        return
     try:
         from_blob(to_blob(value), where)
     except Exception:  # noqa: BLE001 -- unpicklable, or not loadable safely (UnsafeCheckpointError)

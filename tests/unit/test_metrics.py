@@ -61,3 +61,16 @@ def test_disabled_metrics_write_nothing(tmp_path):
     m.event("done")
     m.close()
     assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_an_unclean_end_is_found_from_the_tail_of_a_long_file(tmp_path):
+    """unclean_end reads only the end of metrics.jsonl: a long run's file is not read whole at each start."""
+    from preemptible.metrics import unclean_end
+
+    rows = [{"step": s, "loss": 1.0, "time": 1000.0 + s} for s in range(1, 5001)]  # ~250 KiB
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert (tmp_path / "metrics.jsonl").stat().st_size > 1 << 17
+    assert unclean_end(tmp_path) == 5000  # no end recorded: killed at the last step reached
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "done", "step": 5000, "time": 7000.0}) + "\n")
+    assert unclean_end(tmp_path) is None
