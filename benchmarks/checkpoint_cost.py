@@ -33,13 +33,17 @@ import statistics
 import tempfile
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 
-from preemptible import storage
-from preemptible.checkpoint import Checkpointer, why_invalid
-from preemptible.recipe.model import GPT
-from preemptible.state import ModelOptimState
-from preemptible.storage import start_writeback
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # the recipe's building blocks
+from preemptible.checkpoint import storage
+from preemptible.checkpoint.writer import Checkpointer, why_invalid
+from finetune_parts.model import GPT
+from preemptible.run.state import ModelOptimState
+from preemptible.checkpoint.storage import start_writeback
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from preemptible.metrics import read_metrics
+from preemptible.observe.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=64", "model.block_size=64", "data.batch_size=8",

@@ -29,10 +29,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "recipes"))  # the recipe's building blocks
 from metadata_servers import MetadataServer  # noqa: E402  (the notice-to-checkpoint runs)
 
 from preemptible import Notices  # noqa: E402
-from preemptible.metrics import read_metrics  # noqa: E402
+from preemptible.observe.metrics import read_metrics  # noqa: E402
 
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=64", "model.block_size=64", "data.batch_size=8",
          "data.max_bytes=1000000", "checkpoint.interval=0", "trainer.log_every=10", "trainer.param_digests=false"]
@@ -47,7 +48,7 @@ def _server_process() -> tuple[subprocess.Popen, str]:
 
 
 def step_cost(rounds: int, per_block: int, polls: list[float]) -> None:
-    from preemptible.recipe.model import GPT
+    from finetune_parts.model import GPT
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -33,10 +33,11 @@ from pathlib import Path
 
 import torch
 
-from preemptible.checkpoint import Checkpointer
-from preemptible.recipe.model import GPT
-from preemptible.remote import Remote
-from preemptible.state import ModelOptimState
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # the recipe's building blocks
+from preemptible.checkpoint.writer import Checkpointer
+from finetune_parts.model import GPT
+from preemptible.checkpoint.remote import Remote
+from preemptible.run.state import ModelOptimState
 
 
 def _free_port() -> int:

@@ -30,11 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from preemptible.metrics import read_metrics
+from preemptible.observe.metrics import read_metrics
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))  # the recipe's building blocks
 MODEL = ["model.n_layer=6", "model.n_head=4", "model.n_embd=64", "model.block_size=64", "data.batch_size=8",
          "data.max_bytes=1000000", "model.dropout=0.0", "checkpoint.interval=0", "trainer.log_every=50"]
 
@@ -54,8 +55,8 @@ def _rank_main(rank: int, world: int, port: int, rounds: int, per_block: int, ou
     from torch.nn.parallel import DistributedDataParallel
 
     from preemptible import DistributedSignalHandler
-    from preemptible.recipe.data import make_batches
-    from preemptible.recipe.model import GPT
+    from finetune_parts.data import make_batches
+    from finetune_parts.model import GPT
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)

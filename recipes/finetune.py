@@ -14,7 +14,7 @@ A notice (`touch <run_dir>/STOP`, a cloud's spot notice) stops it the same way, 
 
 from __future__ import annotations
 
-from preemptible.early import hold_signals
+from preemptible.stopping.early import hold_signals
 
 hold_signals()  # first: a TERM/INT/HUP/USR2 during the seconds of imports below is honoured, not fatal
 
@@ -27,12 +27,12 @@ import torch
 from omegaconf import DictConfig
 
 from preemptible import Run, exit_run, init_distributed
-from preemptible.checkpoint import load_model_weights
-from preemptible.config import build, call
-from preemptible.distributed import ignore_late_signals, shutdown
+from preemptible.checkpoint.writer import load_model_weights
+from finetune_parts.hydra_glue import build, call
+from preemptible.distributed.env import ignore_late_signals, shutdown
 from preemptible.errors import CheckpointError, ConfigError
-from preemptible.parallel import parallelize
-from preemptible.recipe.settings import (apply_after_resume, check_hydra_run_dir, check_vocab, composed,
+from preemptible.distributed.parallel import parallelize
+from finetune_parts.settings import (apply_after_resume, check_hydra_run_dir, check_vocab, composed,
                                          in_recipe_terms, refuse_changes, schedule_lambdas, validate)
 
 # torchdata calls a torch API that torch deprecated; the warning says nothing actionable to users.

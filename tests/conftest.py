@@ -3,6 +3,8 @@ import sys
 
 # Spawned ranks import helpers and test modules by name: make the tests folder importable.
 sys.path.insert(0, os.path.dirname(__file__))
+# The reference recipe's building blocks (recipes/finetune_parts) are the recipe's, not the library's.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
 # No test may send traffic beyond 127.0.0.1: the AWS SDK never asks the instance metadata address.
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 

@@ -57,7 +57,7 @@ def head(run_dir):
 
 def rows(run_dir):
     """metrics.jsonl's rows; safe while the run writes (a line without its newline yet is left out)."""
-    from preemptible.metrics import read_metrics
+    from preemptible.observe.metrics import read_metrics
 
     return read_metrics(Path(run_dir) / "metrics.jsonl")
 

@@ -25,14 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from preemptible.errors import ConfigError
-    from preemptible.export import export_weights, format_status, status
+    from preemptible.observe.export import export_weights, format_status, status
 
     try:
         if args.command == "export":
             out = export_weights(args.checkpoint, args.out, format=args.format, verify=not args.no_verify)
             print(f"wrote {out}")
         elif args.command == "plot":
-            from preemptible.plot import interruptions, plot_run
+            from preemptible.observe.plot import interruptions, plot_run
 
             out = plot_run(args.run_dir, args.out)
             for it in interruptions(args.run_dir):

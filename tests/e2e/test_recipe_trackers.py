@@ -66,7 +66,7 @@ def test_one_tracker_run_each_step_once_across_stops_a_kill_and_resumes(tmp_path
     assert resumed == [stop, 30, stop2], resumed  # the kill lost steps 31-35: computed again
     kill = events(tmp_path, "killed")
     assert [(k["reached"], k["step"], k["redone"]) for k in kill] == [(35, 30, 5)], kill
-    from preemptible.export import format_status, status
+    from preemptible.observe.export import format_status, status
 
     assert "killed (no stop recorded; found by the next start): 5 step(s) trained again from step 30" in \
         format_status(status(tmp_path))

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipe_helpers import events, losses, rows, run, start, worker_pids_by_rank  # noqa: E402
 
-from preemptible.checkpoint import step_of, why_invalid  # noqa: E402
+from preemptible.checkpoint.writer import step_of, why_invalid  # noqa: E402
 
 KINDS = ("term_launcher", "term_one_rank", "usr2_one_rank", "kill_all", "kill_in_save", "term_in_save", "go_back",
          "second_run")

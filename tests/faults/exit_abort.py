@@ -40,7 +40,7 @@ def main() -> None:
 
 def _body(rank, world):
     if os.environ.get("PREEMPTIBLE_TEST_NO_EXIT_HOOK"):
-        from preemptible.distributed import let_gloo_workers_finish
+        from preemptible.distributed.env import let_gloo_workers_finish
 
         atexit.unregister(let_gloo_workers_finish)
     import test_ranks

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REFERENCE_STEPS
 from recipe_helpers import run_many, command, events, head, losses, run, start, wait_for_step, worker_pids_by_rank
-from preemptible.checkpoint import why_invalid
+from preemptible.checkpoint.writer import why_invalid
 
 pytestmark = pytest.mark.slow
 STEPS = 40

@@ -21,9 +21,9 @@ import pytest
 from conftest import REFERENCE_STEPS
 from recipe_helpers import (REPO, run_many, events, interrupt_at, losses, run, start, wait_for_step,
                             worker_pids_by_rank)
-from preemptible import storage
-from preemptible.checkpoint import COMMIT, marker_checksum, why_invalid
-from preemptible.metrics import read_metrics
+from preemptible.checkpoint import storage
+from preemptible.checkpoint.writer import COMMIT, marker_checksum, why_invalid
+from preemptible.observe.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 STEPS = REFERENCE_STEPS  # `reference[nproc]` (conftest.py): uninterrupted, checkpoints every 10, all kept

@@ -131,6 +131,6 @@ def test_the_store_going_away_mid_save_fails_with_one_line_and_keeps_the_last_co
     assert json.loads(s3.get("g/latest"))["checkpoint"] == head
     s3.proxy.restore()
     # what a new machine resumes from (tested end to end above): the store's last commit, whole
-    from preemptible.remote import Remote
+    from preemptible.checkpoint.remote import Remote
 
     assert Remote("s3://ckpt/g").download(head, tmp_path / "check" / head) is None

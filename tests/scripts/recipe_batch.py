@@ -15,6 +15,7 @@ from pathlib import Path
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "finetune.py"
 
+sys.path.insert(0, str(RECIPE.parent))  # as when the recipe runs as a script: its building blocks beside it
 spec = importlib.util.spec_from_file_location("finetune", RECIPE)
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)

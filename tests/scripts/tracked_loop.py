@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from preemptible import Run
-from preemptible.trackers import MLflow, TensorBoard, WandB
+from preemptible.observe.trackers import MLflow, TensorBoard, WandB
 
 parser = argparse.ArgumentParser()
 parser.add_argument("run_dir")

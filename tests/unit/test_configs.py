@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from preemptible import DistributedSignalHandler
-from preemptible.config import build
+from finetune_parts.hydra_glue import build
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
@@ -47,7 +47,7 @@ def test_compose_and_instantiate(group, option, monkeypatch):
         with obj:  # installs and releases for real, group built lazily (no dist here)
             assert obj.should_stop() is False
     if group == "tracker":
-        from preemptible.trackers import TrackerFeed
+        from preemptible.observe.trackers import TrackerFeed
 
         assert obj.name == option and TrackerFeed([obj]).trackers == [obj]  # built, nothing imported or opened yet
     if group == "notices":

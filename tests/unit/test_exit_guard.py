@@ -26,7 +26,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_gloo_worker_threads_are_found_by_name():
-    code = "from preemptible.distributed import _gloo_workers_alive\nprint('before', _gloo_workers_alive())\n"
+    code = "from preemptible.distributed.env import _gloo_workers_alive\nprint('before', _gloo_workers_alive())\n"
     code += _GLOO_WORLD_OF_ONE.format(port=free_port())
     code += "print('during', _gloo_workers_alive())\ndist.destroy_process_group()\nprint('after', _gloo_workers_alive())\n"
     proc = _run(code)
@@ -36,7 +36,7 @@ def test_gloo_worker_threads_are_found_by_name():
 
 
 def test_importing_preemptible_changes_nothing_process_wide():
-    """No atexit hooks, signal handlers, warning filters, serialization globals, hooks or log handlers."""
+    """Importing every module of the library: no atexit hooks, signal handlers, warning filters, serialization globals, hooks or log handlers."""
     code = textwrap.dedent("""
         import atexit, faulthandler, logging, signal, sys, threading, warnings
         # torch's own modules (they register safe globals and warning filters of their own on import)
@@ -48,7 +48,9 @@ def test_importing_preemptible_changes_nothing_process_wide():
                     threading.excepthook, faulthandler.is_enabled(), list(logging.getLogger().handlers),
                     logging.getLogger().level, signal.set_wakeup_fd(-1))
         before = snapshot()
-        import preemptible, preemptible.run, preemptible.export, preemptible.recipe.data, preemptible.__main__
+        import importlib, pkgutil, preemptible
+        for m in pkgutil.walk_packages(preemptible.__path__, "preemptible."):  # every module of the library
+            importlib.import_module(m.name)
         after = snapshot()
         print("same" if before == after else f"changed: {before} -> {after}")
     """)
@@ -59,7 +61,7 @@ def test_importing_preemptible_changes_nothing_process_wide():
 
 def test_a_run_lets_gloo_workers_finish_when_it_ends(tmp_path):
     """The guard the import used to register: a Run calls it itself, after its last collective."""
-    code = "import preemptible, preemptible.distributed as pd, torch\n"
+    code = "import preemptible, preemptible.distributed.env as pd, torch\n"
     code += _GLOO_WORLD_OF_ONE.format(port=free_port())
     code += textwrap.dedent(f"""
         sleep = pd.time.sleep

@@ -5,7 +5,7 @@ import torch
 
 from preemptible import ConfigError, Run, export_weights, params_sha256
 from preemptible.__main__ import main as cli
-from preemptible.export import format_status, status
+from preemptible.observe.export import format_status, status
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ import pickle
 import pytest
 import torch
 
-from preemptible import storage
-from preemptible.checkpoint import (COMMIT, Checkpointer, load_model_weights, load_state, marker_checksum, read_marker,
+from preemptible.checkpoint import storage
+from preemptible.checkpoint.writer import (COMMIT, Checkpointer, load_model_weights, load_state, marker_checksum, read_marker,
                                    why_invalid)
 from preemptible.errors import ConfigError, UnsafeCheckpointError
-from preemptible.state import from_blob
+from preemptible.run.state import from_blob
 
 
 class Payload:
@@ -86,7 +86,7 @@ def test_crafted_rank_state_never_runs(tmp_path):
     target = tmp_path / "pwned"
     with pytest.raises(UnsafeCheckpointError, match="not plain data"):
         from_blob(pickle.dumps(Payload(target)), "rank state")  # the old pickled format, or a crafted one
-    from preemptible.run_parts import RankState
+    from preemptible.run.parts import RankState
 
     with pytest.raises(UnsafeCheckpointError):
         RankState(feed=None).load_state_dict({"blob": pickle.dumps(Payload(target))})
@@ -121,7 +121,7 @@ def test_safe_loading_reads_what_was_saved(tmp_path):
 
 def _rewrite_metadata(path, change):
     """Load `.metadata` safely, let `change` alter it, write it back and recommit (consistent sums)."""
-    from preemptible.safe_load import read_metadata
+    from preemptible.checkpoint.safe_load import read_metadata
 
     meta = read_metadata(str(path))
     change(meta)
@@ -202,7 +202,7 @@ def test_metadata_pointing_at_a_file_its_marker_does_not_list_is_refused(tmp_pat
 
 def test_a_crafted_tensor_size_is_refused_before_anything_is_allocated(tmp_path):
     """export builds tensors from .metadata's sizes: 2**40 elements must not be allocated (4 TiB)."""
-    from preemptible.export import model_weights
+    from preemptible.observe.export import model_weights
 
     model = torch.nn.Linear(4, 4)
     path = saved(tmp_path, {"model_optim": {"model": model.state_dict()}})

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from preemptible.checkpoint import ABANDONED, LATEST, Checkpointer, read_marker
+from preemptible.checkpoint.writer import ABANDONED, LATEST, Checkpointer, read_marker
 from preemptible.errors import ConfigError
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from preemptible.metrics import Metrics, read_metrics
+from preemptible.observe.metrics import Metrics, read_metrics
 
 
 def _writer(run_dir, rows):
@@ -65,7 +65,7 @@ def test_disabled_metrics_write_nothing(tmp_path):
 
 def test_an_unclean_end_is_found_from_the_tail_of_a_long_file(tmp_path):
     """unclean_end reads only the end of metrics.jsonl: a long run's file is not read whole at each start."""
-    from preemptible.metrics import unclean_end
+    from preemptible.observe.metrics import unclean_end
 
     rows = [{"step": s, "loss": 1.0, "time": 1000.0 + s} for s in range(1, 5001)]  # ~250 KiB
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

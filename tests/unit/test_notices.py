@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metadata_servers import MetadataServer  # noqa: E402
 
 from preemptible import ConfigError, Notice, Notices  # noqa: E402
-from preemptible.notices import AwsSpot, AzureScheduledEvents, GcpPreempted, StopFile, detect_cloud  # noqa: E402
-from preemptible.preemption import EXIT_NOTICE, Stop, exit_status, save_decision  # noqa: E402
-from preemptible.stop import NOTICE, reason_name  # noqa: E402
+from preemptible.stopping.notices import AwsSpot, AzureScheduledEvents, GcpPreempted, StopFile, detect_cloud  # noqa: E402
+from preemptible.stopping.decision import EXIT_NOTICE, Stop, exit_status, save_decision  # noqa: E402
+from preemptible.stopping.vote import NOTICE, reason_name  # noqa: E402
 
 
 def _wait_for(got, seconds=5.0):
@@ -178,7 +178,7 @@ def test_a_huge_answer_is_refused_unread():
     """300 MiB streamed without a Content-Length: at most MAX_BODY + 1 bytes are read."""
     import resource
 
-    from preemptible.notices import MAX_BODY
+    from preemptible.stopping.notices import MAX_BODY
 
     with MetadataServer("gcp") as server:
         server.huge_body = 300 << 20

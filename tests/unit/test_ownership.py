@@ -12,7 +12,7 @@ import time
 import pytest
 
 from preemptible.errors import CheckpointError, ConfigError
-from preemptible.ownership import LEASE, RunLease
+from preemptible.ownership.lease import LEASE, RunLease
 
 import preemptible
 
@@ -27,7 +27,7 @@ LEAN = textwrap.dedent(f"""
 
 HOLDER = LEAN + textwrap.dedent("""
     import sys, time
-    from preemptible.ownership import RunLease
+    from preemptible.ownership.lease import RunLease
     lease = RunLease(sys.argv[1], wait=0, stale_after=float(sys.argv[2])).acquire()
     print("owned", flush=True)
     time.sleep(float(sys.argv[3]))
@@ -122,7 +122,7 @@ def test_racing_newcomers_take_a_stale_lease_once(tmp_path):
     (tmp_path / LEASE).write_text(json.dumps({"host": "node-elsewhere", "pid": 1}))
     racer = LEAN + textwrap.dedent("""
         import sys, time
-        from preemptible.ownership import RunLease
+        from preemptible.ownership.lease import RunLease
         from preemptible.errors import ConfigError
         try:
             lease = RunLease(sys.argv[1], wait=3, stale_after=0.5).acquire()

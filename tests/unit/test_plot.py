@@ -5,7 +5,7 @@ import json
 import pytest
 
 from preemptible import ConfigError
-from preemptible.plot import interruptions, plot_run
+from preemptible.observe.plot import interruptions, plot_run
 
 
 def _write(run_dir, rows):

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from s3_helpers import S3  # noqa: E402
 
 from preemptible import ConfigError  # noqa: E402
-from preemptible.checkpoint import Checkpointer, why_invalid  # noqa: E402
-from preemptible.remote import Remote, RemoteLease, Uploader  # noqa: E402
+from preemptible.checkpoint.writer import Checkpointer, why_invalid  # noqa: E402
+from preemptible.checkpoint.remote import Remote, RemoteLease, Uploader  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -224,7 +224,7 @@ def test_methods_outside_the_block_say_so(tmp_path):
 
 def test_automodel_names_work_unchanged():
     """NeMo Automodel's step scheduler imports SignalLike and resolve_signal and reads `sigs`."""
-    from preemptible.signal_handler import DistributedSignalHandler, SignalLike, resolve_signal
+    from preemptible.stopping.signal_handler import DistributedSignalHandler, SignalLike, resolve_signal
 
     assert SignalLike.__args__ == (int, str, signal.Signals)
     assert resolve_signal("usr2") is resolve_signal("SIGUSR2") is resolve_signal(12) is signal.SIGUSR2

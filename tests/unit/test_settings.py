@@ -6,12 +6,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from preemptible.distributed import read_env
+from preemptible.distributed.env import read_env
 from preemptible.errors import ConfigError
-from preemptible.recipe.data import ByteWindows
-from preemptible.recipe.lr import warmup_cosine
-from preemptible.recipe.model import GPT
-from preemptible.recipe.settings import config_changes, validate
+from finetune_parts.data import ByteWindows
+from finetune_parts.lr import warmup_cosine
+from finetune_parts.model import GPT
+from finetune_parts.settings import config_changes, validate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from preemptible import DistributedSignalHandler, all_gather_item, get_device, parse_signals
-from preemptible import signal_handler as sh
+from preemptible.stopping import signal_handler as sh
 
 S = signal.Signals
 
@@ -255,7 +255,7 @@ def _early(code):
 
 def test_signals_held_during_start_up_are_taken_over_by_the_handler():
     proc = _early("""
-        from preemptible.early import hold_signals
+        from preemptible.stopping.early import hold_signals
         hold_signals()
         import os, signal, time
         os.kill(os.getpid(), signal.SIGTERM)   # while "importing torch"
@@ -269,7 +269,7 @@ def test_signals_held_during_start_up_are_taken_over_by_the_handler():
 
 def test_a_held_signal_nobody_handles_acts_as_it_would_have():
     proc = _early("""
-        from preemptible.early import hold_signals
+        from preemptible.stopping.early import hold_signals
         hold_signals()
         import os, signal, time
         os.kill(os.getpid(), signal.SIGUSR2)
@@ -282,7 +282,7 @@ def test_a_held_signal_nobody_handles_acts_as_it_would_have():
     """)
     assert proc.returncode == -12 and "still alive" in proc.stdout and "not reached" not in proc.stdout
     proc = _early("""
-        from preemptible.early import hold_signals, release_held
+        from preemptible.stopping.early import hold_signals, release_held
         hold_signals()
         import os, signal, time
         os.kill(os.getpid(), signal.SIGTERM)

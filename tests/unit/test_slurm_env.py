@@ -2,8 +2,8 @@
 
 import pytest
 
-from preemptible import slurm
-from preemptible.stop import Deadline
+from preemptible.stopping import slurm
+from preemptible.stopping.vote import Deadline
 
 
 def test_job_id_is_array_task_aware(monkeypatch):

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from preemptible import storage
-from preemptible.checkpoint import Checkpointer, why_invalid
+from preemptible.checkpoint import storage
+from preemptible.checkpoint.writer import Checkpointer, why_invalid
 from preemptible.errors import ConfigError
-from preemptible.recipe.settings import in_recipe_terms
+from finetune_parts.settings import in_recipe_terms
 
 
 def make_state(seed: int = 0) -> dict:

@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from preemptible import ConfigError, Run, read_history
-from preemptible.trackers import MLflow, TensorBoard, TrackerFeed, WandB
+from preemptible.observe.trackers import MLflow, TensorBoard, TrackerFeed, WandB
 
 
 class Recorder:

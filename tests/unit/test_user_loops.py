@@ -134,9 +134,9 @@ def test_a_kill_between_metrics_flushes_is_reported_at_the_step_it_happened(tmp_
     import subprocess
     import sys
 
-    from preemptible.export import format_status, status
-    from preemptible.metrics import read_metrics
-    from preemptible.plot import interruptions
+    from preemptible.observe.export import format_status, status
+    from preemptible.observe.metrics import read_metrics
+    from preemptible.observe.plot import interruptions
 
     proc = subprocess.run([sys.executable, "-c", KILLED_LOOP, str(tmp_path / "run")], capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL
@@ -176,3 +176,48 @@ def test_a_loader_with_a_generator_of_its_own_is_exact_across_the_next_epoch(tmp
 
     ref = train(tmp_path / "ref")
     assert train(tmp_path / "run", term_at=5) + train(tmp_path / "run") == ref
+
+
+WITHOUT_HYDRA = """
+import importlib.abc, os, signal, sys
+class Refuse(importlib.abc.MetaPathFinder):  # as if Hydra, OmegaConf and torchdata were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("hydra", "omegaconf", "torchdata"):
+            raise ModuleNotFoundError(f"No module named {name!r} (refused by the test)")
+sys.meta_path.insert(0, Refuse())
+import torch
+from preemptible import Run
+def batches():
+    while True:
+        x = torch.randn(4, 4)
+        yield x, x.sum(1, keepdim=True)
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+run = Run(sys.argv[1], model=model, optimizer=opt, data=batches(), max_steps=6)
+with run:
+    for x, y in run.batches():
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        if run.step == 2 and sys.argv[2] == "stop":
+            os.kill(os.getpid(), signal.SIGTERM)
+        run.step_done(loss=loss)
+assert not any(m.split(".")[0] in ("hydra", "omegaconf", "torchdata") for m in sys.modules)
+print("step", run.step)
+run.exit()
+"""
+
+
+def test_a_run_loop_works_with_hydra_omegaconf_and_torchdata_unimportable(tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = str(tmp_path / "run")
+    first = subprocess.run([sys.executable, "-c", WITHOUT_HYDRA, run_dir, "stop"], capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr
+    assert "step 3" in first.stdout
+    second = subprocess.run([sys.executable, "-c", WITHOUT_HYDRA, run_dir, "go"], capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "step 6" in second.stdout and "resumed" in second.stderr

@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from preemptible.checkpoint import COMMIT, LATEST, Checkpointer, in_line, read_marker, step_of, why_invalid
-from preemptible.metrics import read_metrics
+from preemptible.checkpoint.writer import COMMIT, LATEST, Checkpointer, in_line, read_marker, step_of, why_invalid
+from preemptible.observe.metrics import read_metrics
 from preemptible.errors import ConfigError, UnsafeCheckpointError
 
 MODEL_PREFIX = "model_optim.model."
@@ -52,8 +52,8 @@ def find_checkpoint(path: Any, verify: bool = True) -> Path:
 
 def model_weights(checkpoint: Any, verify: bool = True) -> dict[str, torch.Tensor]:
     """The model's full (unsharded) weights from a committed checkpoint, on the CPU, by parameter name."""
-    from preemptible.checkpoint import load_state
-    from preemptible.safe_load import read_metadata
+    from preemptible.checkpoint.writer import load_state
+    from preemptible.checkpoint.safe_load import read_metadata
 
     path = find_checkpoint(checkpoint, verify)
     try:

@@ -13,7 +13,7 @@ import subprocess
 from datetime import datetime
 from typing import Optional
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("preemptible.slurm")  # the name users filter on (stable across moves)
 
 
 def job_id() -> Optional[str]:

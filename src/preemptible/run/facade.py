@@ -43,22 +43,22 @@ import torch
 import torch.distributed as dist
 
 from preemptible import faults
-from preemptible.checkpoint import Checkpointer
-from preemptible.distributed import barrier, broadcast_object, is_distributed
+from preemptible.checkpoint.writer import Checkpointer
+from preemptible.distributed.env import barrier, broadcast_object, is_distributed
 from preemptible.checks import boolean, path as check_path, seconds
 from preemptible.errors import ConfigError
-from preemptible.lifecycle import LIFECYCLE, attach as show_lifecycle
-from preemptible.feed import Feed, stateful
-from preemptible.metrics import METRICS, PROGRESS, Metrics, unclean_end
-from preemptible.notices import Notices
-from preemptible.trackers import TrackerFeed
-from preemptible.ownership import RunLease
-from preemptible.run_end import Ending
-from preemptible.run_parts import (Progress, RankState, check_meta, check_optimizer, check_state, is_handler,
+from preemptible.observe.lifecycle import LIFECYCLE, attach as show_lifecycle
+from preemptible.run.feed import Feed, stateful
+from preemptible.observe.metrics import METRICS, PROGRESS, Metrics, unclean_end
+from preemptible.stopping.notices import Notices
+from preemptible.observe.trackers import TrackerFeed
+from preemptible.ownership.lease import RunLease
+from preemptible.run.ending import Ending
+from preemptible.run.parts import (Progress, RankState, check_meta, check_optimizer, check_state, is_handler,
                                    process_start_time)
-from preemptible.preemption import Stop, agreed_stop, end_time, want_requeue
-from preemptible.state import ModelOptimState, PlainValues, params_sha256, state_nbytes
-from preemptible.stop import NOTICE, Deadline
+from preemptible.stopping.decision import Stop, agreed_stop, end_time, want_requeue
+from preemptible.run.state import ModelOptimState, PlainValues, params_sha256, state_nbytes
+from preemptible.stopping.vote import NOTICE, Deadline
 
 log = logging.getLogger("preemptible.run")
 
@@ -190,7 +190,7 @@ class Run(Ending):
         if handler is _UNSET:
             handler = None
             if signals is not None:
-                from preemptible.signal_handler import DistributedSignalHandler
+                from preemptible.stopping.signal_handler import DistributedSignalHandler
 
                 try:
                     handler = DistributedSignalHandler(signals, group="cpu", check_every=check_every,
@@ -295,7 +295,7 @@ class Run(Ending):
                 if self.notices is not None and self._polls_notices():
                     self.notices.start(self.dir, lambda notice: self.handler.request_stop(NOTICE))
             else:
-                from preemptible import early
+                from preemptible.stopping import early
 
                 early.release_held()  # no handling asked for: held signals act as they would have
             self.feed.mark_boundary()
@@ -337,7 +337,7 @@ class Run(Ending):
                     error = ConfigError(f"checkpoint_dir={str(d)!r}: {e}") if i else e
                     break
             if error is None and cp.remote is not None:
-                from preemptible.remote import RemoteLease
+                from preemptible.checkpoint.remote import RemoteLease
 
                 try:
                     lease = RemoteLease(cp.remote, wait=self.lease_wait, stale_after=self.stale_after).acquire()

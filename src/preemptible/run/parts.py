@@ -9,8 +9,8 @@ import time
 from typing import Any, Optional
 
 from preemptible.errors import ConfigError
-from preemptible.feed import stateful
-from preemptible.state import check_plain, from_blob, set_rng_state, to_blob
+from preemptible.run.feed import stateful
+from preemptible.run.state import check_plain, from_blob, set_rng_state, to_blob
 
 # What a commit marker holds of its own; meta= cannot replace these.
 MARKER_KEYS = ("format", "step", "world_size", "time", "files", "lineage", "line", "parent", "run_dir",

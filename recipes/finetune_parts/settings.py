@@ -193,6 +193,6 @@ RECIPE_KEYS = {
 
 def in_recipe_terms(error: ConfigError) -> ConfigError:
     """A library error with its argument names replaced by the recipe's configuration keys."""
-    from preemptible.run import renamed
+    from preemptible.run.facade import renamed
 
     return renamed(error, RECIPE_KEYS)

@@ -9,13 +9,14 @@ import logging
 import time
 from typing import Any
 
-from preemptible import faults, slurm
-from preemptible.checkpoint import Checkpointer
-from preemptible.distributed import barrier, exit_run, let_gloo_workers_finish
+from preemptible import faults
+from preemptible.stopping import slurm
+from preemptible.checkpoint.writer import Checkpointer
+from preemptible.distributed.env import barrier, exit_run, let_gloo_workers_finish
 from preemptible.errors import CheckpointError
-from preemptible.lifecycle import LIFECYCLE
-from preemptible.preemption import Stop, exit_status, save_decision, want_requeue
-from preemptible.stop import reason_name
+from preemptible.observe.lifecycle import LIFECYCLE
+from preemptible.stopping.decision import Stop, exit_status, save_decision, want_requeue
+from preemptible.stopping.vote import reason_name
 
 log = logging.getLogger("preemptible.run")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from preemptible.errors import ConfigError
-from preemptible.metrics import History, read_history, read_metrics
+from preemptible.observe.metrics import History, read_history, read_metrics
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 from preemptible.checks import seconds
 from preemptible.errors import ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("preemptible.notices")  # the name users filter on (stable across moves)
 
 CLOUDS = ("aws", "gcp", "azure")
 # Where each provider serves its metadata when no endpoint is given.

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from preemptible.errors import ConfigError
-from preemptible.state import rng_state
+from preemptible.run.state import rng_state
 
 
 def stateful(obj: Any) -> bool:

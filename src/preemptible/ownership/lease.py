@@ -34,7 +34,7 @@ from typing import Any, Optional
 from preemptible.checks import seconds
 from preemptible.errors import CheckpointError, ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("preemptible.ownership")  # the name users filter on (stable across moves)
 
 LEASE = "OWNER"
 

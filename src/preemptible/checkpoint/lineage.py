@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from preemptible.checkpoint_layout import COMMIT, LATEST, in_line, read_marker, step_of, why_invalid
-from preemptible.distributed import broadcast_object
+from preemptible.checkpoint.layout import COMMIT, LATEST, in_line, read_marker, step_of, why_invalid
+from preemptible.distributed.env import broadcast_object
 from preemptible.errors import ConfigError
-from preemptible.storage import fsync_path
+from preemptible.checkpoint.storage import fsync_path
 
 log = logging.getLogger("preemptible.checkpoint")
 

@@ -12,16 +12,16 @@ from typing import Any, Optional
 
 import torch
 
-from preemptible import slurm
-from preemptible.distributed import broadcast_object
+from preemptible.stopping import slurm
+from preemptible.distributed.env import broadcast_object
 from preemptible.checks import seconds
 from preemptible.errors import ConfigError
-from preemptible.signal_handler import all_gather_item
-from preemptible.stop import DEADLINE, NOTICE, reason_name
+from preemptible.stopping.signal_handler import all_gather_item
+from preemptible.stopping.vote import DEADLINE, NOTICE, reason_name
 
 EXIT_NOTICE = 75  # sysexits' EX_TEMPFAIL, "try again later": the machine is going away, the run is not done
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("preemptible.preemption")  # the name users filter on (stable across moves)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from preemptible.errors import CheckpointError, ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("preemptible.remote")  # the name users filter on (stable across moves)
 
 COMMIT = "COMMITTED"
 LATEST = "latest"
@@ -169,7 +169,7 @@ class Remote:
     def download(self, name: str, into: Path) -> Optional[str]:
         """Fetch `name` into the directory `into` (created); None if it is complete and matches its
         marker's sizes and CRC-32C checksums, else why not (then `into` is removed)."""
-        from preemptible.checkpoint_layout import why_invalid
+        from preemptible.checkpoint.layout import why_invalid
 
         shutil.rmtree(into, ignore_errors=True)
         into.mkdir(parents=True)

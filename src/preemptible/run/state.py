@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("preemptible.state")  # the name users filter on (stable across moves)
 
 try:
     import numpy as np

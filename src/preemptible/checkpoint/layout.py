@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from preemptible.safe_load import plain_name
-from preemptible.storage import file_crc32c
+from preemptible.checkpoint.safe_load import plain_name
+from preemptible.checkpoint.storage import file_crc32c
 
 COMMIT = "COMMITTED"
 LATEST = "latest"

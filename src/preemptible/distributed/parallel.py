@@ -7,7 +7,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from typing import Any, Callable, Optional
 
-from preemptible.distributed import DistEnv, is_distributed
+from preemptible.distributed.env import DistEnv, is_distributed
 from preemptible.errors import ConfigError
 
 MODES = ("ddp", "fsdp")
@@ -56,7 +56,7 @@ def settle_buckets(ddp: DistributedDataParallel, *inputs: Any) -> None:
     uses the rebuilt layout. The RNG states are put back and the gradients dropped: nothing of it
     reaches the model, the optimizer or the random streams.
     """
-    from preemptible.state import rng_state, set_rng_state
+    from preemptible.run.state import rng_state, set_rng_state
 
     saved = rng_state()
     out = ddp(*inputs)

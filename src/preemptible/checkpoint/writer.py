@@ -37,16 +37,16 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from preemptible import faults, heartbeat
-from preemptible.distributed import barrier, is_distributed
+from preemptible.distributed.env import barrier, is_distributed
 from preemptible.errors import CheckpointError, ConfigError, UnsafeCheckpointError
-from preemptible.remote import Remote, Uploader, is_remote
-from preemptible.checkpoint_layout import (ABANDONED, COMMIT, FORMAT, LATEST, in_line, marker_checksum,  # noqa: F401
+from preemptible.checkpoint.remote import Remote, Uploader, is_remote
+from preemptible.checkpoint.layout import (ABANDONED, COMMIT, FORMAT, LATEST, in_line, marker_checksum,  # noqa: F401
                                            read_marker, step_of, why_invalid)  # (this module's face: re-exported)
-from preemptible.checkpoint_resume import Finding, Resume  # noqa: F401 -- Resume: part of this module's face
-from preemptible.safe_load import SafePlanner, SafeReader
-from preemptible.storage import SUMS_PREFIX, file_writer, fsync_path, write_atomic
+from preemptible.checkpoint.lineage import Finding, Resume  # noqa: F401 -- Resume: part of this module's face
+from preemptible.checkpoint.safe_load import SafePlanner, SafeReader
+from preemptible.checkpoint.storage import SUMS_PREFIX, file_writer, fsync_path, write_atomic
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("preemptible.checkpoint")  # the name users filter on (stable across moves)
 
 @contextmanager
 def _quiet_single_process() -> Iterator[None]:

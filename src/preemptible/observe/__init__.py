@@ -1,0 +1,2 @@
+"""Observability: metrics.jsonl and progress.json, experiment trackers, lifecycle lines, plots,
+export and status."""
