@@ -34,7 +34,7 @@ from preemptible.observe.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=64", "model.block_size=64", "data.batch_size=8",
-         "data.max_bytes=1000000", "trainer.log_every=10", "trainer.param_digests=false"]
+         "data.max_bytes=1000000", "report.log_every=10", "report.param_digests=done"]
 
 
 def rows(run_dir: Path) -> list[dict]:

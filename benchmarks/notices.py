@@ -36,7 +36,7 @@ from preemptible import Notices  # noqa: E402
 from preemptible.observe.metrics import read_metrics  # noqa: E402
 
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=64", "model.block_size=64", "data.batch_size=8",
-         "data.max_bytes=1000000", "checkpoint.interval=0", "trainer.log_every=10", "trainer.param_digests=false"]
+         "data.max_bytes=1000000", "checkpoint.interval=0", "report.log_every=10", "report.param_digests=done"]
 
 
 def _server_process() -> tuple[subprocess.Popen, str]:

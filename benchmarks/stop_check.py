@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))  # the recipe's building blocks
 MODEL = ["model.n_layer=6", "model.n_head=4", "model.n_embd=64", "model.block_size=64", "data.batch_size=8",
-         "data.max_bytes=1000000", "model.dropout=0.0", "checkpoint.interval=0", "trainer.log_every=50"]
+         "data.max_bytes=1000000", "model.dropout=0.0", "checkpoint.interval=0", "report.log_every=50"]
 
 
 def command(run_dir: Path, world: int, steps: int, extra: list[str]) -> list[str]:
@@ -154,7 +154,7 @@ def latency(worlds: list[int], repeats: int, root: Path) -> None:
     for world in worlds:
         for rep in range(repeats):
             run_dir = root / f"lat-w{world}-{rep}"
-            proc = subprocess.Popen(command(run_dir, world, 100000, ["trainer.log_every=1"]), cwd=REPO,
+            proc = subprocess.Popen(command(run_dir, world, 100000, ["report.log_every=1"]), cwd=REPO,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_steps = rng.randint(30, 80)
             while not any(r.get("step", 0) >= wait_steps for r in rows(run_dir) if "event" not in r):

@@ -54,8 +54,9 @@ amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 scaler = torch.amp.GradScaler(device.type)
 
 run = preemptible.Run(args.run_dir, model=model, optimizer=optimizer, scheduler=scheduler, data=train,
-                      state={"scaler": scaler}, values={"best_val": math.inf},
-                      max_steps=args.steps, interval=args.interval, log_every=args.log_every)
+                      state={"scaler": scaler}, values={"best_val": math.inf}, max_steps=args.steps,
+                      checkpoint=preemptible.Checkpointer(interval=args.interval),
+                      report=preemptible.Report(log_every=args.log_every))
 
 
 def evaluate() -> float:

@@ -46,7 +46,9 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
 
 run = preemptible.Run(args.run_dir, model=model, optimizer=optimizer, scheduler=scheduler, data=loader,
-                      state={"ema": ema}, max_steps=args.steps, interval=args.interval, log_every=args.log_every)
+                      state={"ema": ema}, max_steps=args.steps,
+                      checkpoint=preemptible.Checkpointer(interval=args.interval),
+                      report=preemptible.Report(log_every=args.log_every))
 with run:
     for xb, yb in run.batches():
         loss = F.cross_entropy(model(xb.to(env.device)), yb.to(env.device))

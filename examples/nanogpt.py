@@ -101,7 +101,8 @@ def estimate_loss():
 
 # -- the loop -------------------------------------------------------------------------------
 run = preemptible.Run(out_dir, model=model, optimizer=optimizer, data=train_batches(),  # preemptible
-                      values={"best_val_loss": 1e9}, max_steps=max_iters, interval=interval)  # preemptible
+                      values={"best_val_loss": 1e9}, max_steps=max_iters,  # preemptible
+                      checkpoint=preemptible.Checkpointer(interval=interval))  # preemptible
 run.start()  # preemptible: owns out_dir, installs the signals, resumes where the last run stopped
 train = run.batches(ahead=1)  # preemptible: the loop fetches the next step's batch before the step ends
 X, Y = next(train)

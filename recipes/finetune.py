@@ -10,11 +10,15 @@
 On a signal at any rank (TERM, INT, HUP by default) every rank stops at the same step, writes one
 committed checkpoint and exits 128+signum; the same command again resumes from it, bit-identically.
 A notice (`touch <run_dir>/STOP`, a cloud's spot notice) stops it the same way, exit status 75.
+
+The configuration has a node per part of the run, named as the library names it (`checkpoint`,
+`stopping`, `ownership`, `report`, `signal_handler`, `notices`, `tracker`); the recipe's own
+building blocks (model, data, LR schedules, settings) are in recipes/finetune_parts.
 """
 
 from __future__ import annotations
 
-from preemptible.stopping.early import hold_signals
+from preemptible import hold_signals
 
 hold_signals()  # first: a TERM/INT/HUP/USR2 during the seconds of imports below is honoured, not fatal
 
@@ -26,14 +30,12 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from preemptible import Run, exit_run, init_distributed
-from preemptible.checkpoint.writer import load_model_weights
-from finetune_parts.hydra_glue import build, call
+from finetune_parts.hydra_glue import build, call, node_errors
+from finetune_parts.settings import (apply_after_resume, check_hydra_run_dir, check_vocab, composed, refuse_changes,
+                                     refuse_moved_keys, schedule_lambdas, validate)
+from preemptible import CheckpointError, ConfigError, Run, init_distributed, load_model_weights
 from preemptible.distributed.env import ignore_late_signals, shutdown
-from preemptible.errors import CheckpointError, ConfigError
 from preemptible.distributed.parallel import parallelize
-from finetune_parts.settings import (apply_after_resume, check_hydra_run_dir, check_vocab, composed,
-                                         in_recipe_terms, refuse_changes, schedule_lambdas, validate)
 
 # torchdata calls a torch API that torch deprecated; the warning says nothing actionable to users.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -43,7 +45,8 @@ def train(cfg: DictConfig) -> Run:
     # ---- every value checked, everything built, before anything is written
     validate(cfg)
     check_hydra_run_dir()
-    env = init_distributed(cfg.trainer.device)
+    with node_errors("trainer"):
+        env = init_distributed(cfg.trainer.device)
     torch.manual_seed(cfg.seed)  # same model init on every rank
     model = build(cfg, "model").to(env.device)
     if model.init_from:
@@ -52,22 +55,18 @@ def train(cfg: DictConfig) -> Run:
     batches = build(cfg, "data", rank=env.rank, world_size=env.world_size, seed=cfg.seed)
     check_vocab(cfg.model.vocab_size, batches.loader.dataset.data)
     example = lambda: [torch.zeros(2, cfg.model.block_size, dtype=torch.long, device=env.device)] * 2  # noqa: E731
-    model = parallelize(model, cfg.trainer.parallelism, env, example)
+    with node_errors("trainer"):
+        model = parallelize(model, cfg.trainer.parallelism, env, example)
     optimizer = call(cfg, "optim", model.parameters())
     schedule = call(cfg, "lr_schedule", optimizer, total_steps=cfg.trainer.max_steps)
     configured_schedule = schedule_lambdas(schedule)
 
-    # ---- the run: owns cfg.run_dir, stops on signals and time limits, resumes, saves, exits
-    trainer, scheduler = cfg.trainer, cfg.scheduler
+    # ---- the run: owns cfg.run_dir, stops on signals, notices and time limits, resumes, saves, exits
+    stopping = build(cfg, "stopping", signals=build(cfg, "signal_handler"), notices=build(cfg, "notices"))
     run = Run(cfg.run_dir, model=model, optimizer=optimizer, scheduler=schedule, data=batches,
-              max_steps=trainer.max_steps, checkpointer=build(cfg, "checkpoint"),
-              handler=build(cfg, "signal_handler"), notices=build(cfg, "notices"), tracker=build(cfg, "tracker"),
-              stop_check=trainer.stop_check, max_time=trainer.max_time,
-              slurm_time_limit=scheduler.time_limit, grace_period=scheduler.grace_period,
-              save_guess=scheduler.save_guess, margin=scheduler.margin, requeue=scheduler.requeue,
-              exit_code_on_stop=trainer.exit_code_on_stop, log_every=trainer.log_every, log_file="finetune.log",
-              lease_wait=cfg.ownership.wait, stale_after=cfg.ownership.stale_after,
-              param_digests=True if trainer.param_digests else "done", meta={"config": composed(cfg)}, seed=cfg.seed)
+              max_steps=cfg.trainer.max_steps, seed=cfg.seed, stopping=stopping,
+              checkpoint=build(cfg, "checkpoint", meta={"config": composed(cfg)}),
+              ownership=build(cfg, "ownership"), tracker=build(cfg, "tracker"), report=build(cfg, "report"))
     # a resume refuses what it cannot honour (before loading) and applies changed hyperparameters (after)
     run.before_resume = lambda marker, path: refuse_changes(marker.get("config"), composed(cfg), str(path))
     run.after_resume = lambda marker, path: apply_after_resume(marker.get("config"), composed(cfg), path.name,
@@ -85,19 +84,31 @@ def train(cfg: DictConfig) -> Run:
     return run
 
 
+def fail(e: Exception) -> None:
+    """One line on stderr (one write: failing writer threads may still be printing their tracebacks),
+    exit 2 for something the user can fix in the configuration or the files, 1 for a failed save."""
+    sys.stderr.flush()
+    os.write(2, f"\nerror: {e}\n".encode())
+    ignore_late_signals()
+    shutdown()
+    sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+
 @hydra.main(config_path="../conf", config_name="finetune", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         run = train(cfg)
     except (ConfigError, CheckpointError) as e:
-        # One write, on a line of its own: failing writer threads may still be printing their tracebacks.
-        message = in_recipe_terms(e) if isinstance(e, ConfigError) else e
-        sys.stderr.flush()
-        os.write(2, f"\nerror: {message}\n".encode())
-        ignore_late_signals()
-        shutdown()
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    exit_run(run.exit_code)  # every rank waits for the others; late signals cannot change the status
+        fail(e)
+    run.exit()  # every rank waits for the others; late signals cannot change the status
+
+
+def main() -> None:
+    try:
+        refuse_moved_keys(sys.argv[1:])
+    except ConfigError as e:
+        fail(e)
+    hydra_main()
 
 
 if __name__ == "__main__":

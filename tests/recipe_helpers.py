@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "finetune.py"
 # Small enough that a step is milliseconds on 2 oversubscribed cores.
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "data.batch_size=4",
-        "data.max_bytes=200000", "trainer.log_every=1", "lr_schedule.warmup_steps=5",
+        "data.max_bytes=200000", "report.log_every=1", "lr_schedule.warmup_steps=5",
         # Millisecond steps: agree every step so tests can aim signals at steps (the default,
         # check_every=auto, is tested on its own: a stop within max_latency seconds).
         "signal_handler.check_every=1"]

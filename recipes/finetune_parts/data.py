@@ -19,6 +19,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from preemptible.errors import ConfigError
+from preemptible.stopping.signals import LEFT_TO_THE_MAIN_PROCESS
 
 
 def stdlib_files() -> list[str]:
@@ -75,7 +76,7 @@ def _leave_signals_to_the_main_process(worker_id: int) -> None:
     saved. The main process decides; workers ignore preemption signals and keep serving, and
     exit with it (PyTorch's worker watchdog)."""
     signal.set_wakeup_fd(-1)  # inherited through fork: the parent's watcher must not see our signals
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    for s in LEFT_TO_THE_MAIN_PROCESS:
         signal.signal(s, signal.SIG_IGN)
 
 

@@ -14,30 +14,39 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from preemptible.checks import boolean, number, path
+from preemptible.checks import number, path
 from preemptible.errors import ConfigError
 
 log = logging.getLogger("preemptible.train")
 
 
+# Keys that moved when the configuration got a node per part of Run (named as the library names
+# them): an old key on the command line gets one line naming its replacement.
+MOVED_KEYS = {
+    "trainer.max_time": "stopping.max_time", "trainer.stop_check": "stopping.stop_check",
+    "trainer.exit_code_on_stop": "stopping.exit_code_on_stop", "scheduler.requeue": "stopping.requeue",
+    "scheduler.time_limit": "stopping.slurm_time_limit", "scheduler.save_guess": "stopping.save_guess",
+    "scheduler.margin": "stopping.margin", "scheduler.grace_period": "stopping.grace_period",
+    "trainer.log_every": "report.log_every", "trainer.param_digests": "report.param_digests",
+}
+
+
+def refuse_moved_keys(overrides: list[str]) -> None:
+    """Before Hydra parses them (it would say only "not in struct"): a moved key names its new home."""
+    for item in overrides:
+        key = item.lstrip("+~").split("=", 1)[0]
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{key}= moved: use {MOVED_KEYS[key]}= (the configuration has a node per part of the run)")
+        if key == "scheduler" or key.startswith("scheduler."):
+            raise ConfigError(f"{key}= moved: the scheduler keys are under stopping. ({', '.join(sorted(v for k, v in MOVED_KEYS.items() if k.startswith('scheduler.')))})")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Every key read after start-up, checked now (ConfigError names the key and what fits)."""
-    trainer, scheduler = cfg.trainer, cfg.scheduler
+    """The recipe's own keys, checked now (ConfigError names the key and what fits); each part of
+    the run (checkpoint, stopping, ownership, report, ...) checks its own when it is built."""
     path("run_dir", cfg.run_dir)
-    number("trainer.max_steps", trainer.max_steps, low=1, integer=True)
-    number("trainer.log_every", trainer.log_every, low=1, integer=True)
+    number("trainer.max_steps", cfg.trainer.max_steps, low=1, integer=True)
     number("seed", cfg.seed, low=0, integer=True)
-    code = trainer.exit_code_on_stop
-    if code is not None and (isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 255):
-        raise ConfigError(f"trainer.exit_code_on_stop={code!r}; expected an exit status from 0 to 255, or null "
-                          "(128 + the signal number)")
-    boolean("trainer.param_digests", trainer.param_digests)
-    number("scheduler.grace_period", scheduler.grace_period, low=0, strict=True, none_ok=True)
-    number("scheduler.save_guess", scheduler.save_guess, low=0, none_ok=True)
-    number("scheduler.margin", scheduler.margin, low=0)
-    boolean("scheduler.time_limit", scheduler.time_limit)
-    number("ownership.wait", cfg.ownership.wait, low=0)
-    number("ownership.stale_after", cfg.ownership.stale_after, low=0, strict=True)
     optim = cfg.get("optim")
     if optim is not None and "lr" in optim:
         number("optim.lr", optim.lr, low=0, strict=True)
@@ -173,26 +182,3 @@ def schedule_lambdas(schedule: Any) -> list[Optional[dict]]:
     """The schedule's own parameters as built from the configuration (before a load replaces them);
     None for a plain function (LambdaLR saves nothing of those either)."""
     return [None if isinstance(fn, types.FunctionType) else dict(vars(fn)) for fn in schedule.lr_lambdas]
-
-
-# The library names its arguments in errors (`interval=...`); the recipe's user knows config keys.
-RECIPE_KEYS = {
-    "interval": "checkpoint.interval", "keep": "checkpoint.keep", "resume": "checkpoint.resume",
-    "dir": "checkpoint.dir", "checkpoint_dir": "checkpoint.dir", "local_dir": "checkpoint.local_dir", "verify": "checkpoint.verify",
-    "keep_abandoned": "checkpoint.keep_abandoned", "async_save": "checkpoint.async_save",
-    "write_threads": "checkpoint.write_threads", "fsync": "checkpoint.fsync",
-    "writeback_mib": "checkpoint.writeback_mib", "zip_crc32": "checkpoint.zip_crc32",
-    "device": "trainer.device", "parallelism": "trainer.parallelism", "log_every": "trainer.log_every",
-    "max_time": "trainer.max_time", "stop_check": "trainer.stop_check", "max_steps": "trainer.max_steps",
-    "exit_code_on_stop": "trainer.exit_code_on_stop", "requeue": "scheduler.requeue",
-    "grace_period": "scheduler.grace_period", "save_guess": "scheduler.save_guess", "margin": "scheduler.margin",
-    "slurm_time_limit": "scheduler.time_limit", "lease_wait": "ownership.wait", "wait": "ownership.wait",
-    "stale_after": "ownership.stale_after", "signals": "signal_handler.sig",
-}
-
-
-def in_recipe_terms(error: ConfigError) -> ConfigError:
-    """A library error with its argument names replaced by the recipe's configuration keys."""
-    from preemptible.run.facade import renamed
-
-    return renamed(error, RECIPE_KEYS)

@@ -16,7 +16,7 @@ from preemptible.errors import ConfigError
 
 
 def number(name: str, value: Any, *, low: float = 0.0, strict: bool = False, none_ok: bool = False,
-           integer: bool = False, unit: str = "") -> None:
+           integer: bool = False, unit: str = "", hint: str = "") -> None:
     """`value` is a finite int (or float unless `integer`) >= `low` (> `low` if `strict`), or None if `none_ok`."""
     if value is None and none_ok:
         return
@@ -28,7 +28,7 @@ def number(name: str, value: Any, *, low: float = 0.0, strict: bool = False, non
         bound = f"> {low:g}" if strict else f">= {low:g}"
         odd = isinstance(value, float) and not math.isfinite(value)
         raise ConfigError(f"{name}={value!r}; expected {what} {bound}{' or null' if none_ok else ''}"
-                          f"{' (a finite value)' if odd else ''}")
+                          f"{' (a finite value)' if odd else ''}{f' ({hint})' if hint else ''}")
 
 
 def seconds(name: str, value: Any, *, strict: bool = False, none_ok: bool = False) -> None:
@@ -47,3 +47,15 @@ def path(name: str, value: Any, *, none_ok: bool = False) -> None:
         value = os.fspath(value)
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{name}={value!r}; expected a directory path{' or null' if none_ok else ''}")
+
+
+def one_of(name: str, value: Any, choices: tuple) -> None:
+    """`value` is one of `choices` (compared by type too: `True` is not `1`)."""
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        names = ", ".join("null" if c is None else str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+        raise ConfigError(f"{name}={value!r}; expected one of {names}")
+
+
+def exit_status(name: str, value: Any, *, none_means: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255):
+        raise ConfigError(f"{name}={value!r}; expected an exit status from 0 to 255, or null ({none_means})")

@@ -17,7 +17,7 @@ def test_fsdp_interrupted_then_resumed_is_bit_identical(tmp_path):
     args = ("trainer.parallelism=fsdp", "trainer.max_steps=24", "checkpoint.interval=10")
     code, log = run(full, *args, nproc=4)
     assert code == 0, log
-    code, log = interrupt_at(cut, 12, *args, "checkpoint.async_save=true", "scheduler.grace_period=30",
+    code, log = interrupt_at(cut, 12, *args, "checkpoint.async_save=true", "stopping.grace_period=30",
                              nproc=4, rank=3)
     stop = events(cut, "preempted")[0]
     assert stop["ranks"] == {"3": "SIGTERM"} and stop["checkpoint"], log  # saved inside torchrun's 30 s

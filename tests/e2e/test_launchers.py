@@ -61,8 +61,8 @@ def test_grace_period_too_short_for_a_save_that_a_requeue_must_follow_skips_it_a
     requeue must follow it: a job killed mid-save would not be requeued."""
     code, log = run(tmp_path, "trainer.max_steps=20", "checkpoint.interval=10")
     assert code == 0
-    proc = start(tmp_path, STEPS, "checkpoint.interval=0", "scheduler.grace_period=0.5", "scheduler.save_guess=30",
-                 "scheduler.requeue=true")
+    proc = start(tmp_path, STEPS, "checkpoint.interval=0", "stopping.grace_period=0.5", "stopping.save_guess=30",
+                 "stopping.requeue=true")
     wait_for_step(tmp_path, 30, proc)  # resumed at 20
     os.kill(proc.pid, signal.SIGTERM)
     code, log = _stop(proc)

@@ -24,7 +24,7 @@ def assert_same_run(resumed, reference):
 
 # 2 ranks with synchronous saves: test_signal_to_one_torchrun_worker_stops_every_rank_at_the_same_step.
 @pytest.mark.parametrize("nproc, extra", [(1, "checkpoint.async_save=false"), (2, "checkpoint.async_save=true"),
-                                          (2, "trainer.stop_check=gradients")])
+                                          (2, "stopping.stop_check=gradients")])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, reference, nproc, extra):
     code, log = interrupt_at(tmp_path, 17, f"trainer.max_steps={STEPS}", "checkpoint.interval=10", extra, nproc=nproc)
     preempted = events(tmp_path, "preempted")
@@ -75,7 +75,7 @@ def test_handler_disabled_with_null(tmp_path):
 
 
 def test_exit_code_is_configurable(tmp_path):
-    code, _ = interrupt_at(tmp_path, 5, "trainer.max_steps=400", "trainer.exit_code_on_stop=0")
+    code, _ = interrupt_at(tmp_path, 5, "trainer.max_steps=400", "stopping.exit_code_on_stop=0")
     assert code == 0 and events(tmp_path, "preempted")
 
 
@@ -179,7 +179,7 @@ def test_unknown_key_fails_with_hydras_error(tmp_path):
 
 def test_max_time_stops_with_a_checkpoint_and_resumes(tmp_path, reference):
     """No signal at all (clusters that send TERM then KILL): stop while a step and a save fit."""
-    limit = ["trainer.max_time=7", "scheduler.save_guess=1", "scheduler.margin=1", f"trainer.max_steps={STEPS * 50}"]
+    limit = ["stopping.max_time=7", "stopping.save_guess=1", "stopping.margin=1", f"trainer.max_steps={STEPS * 50}"]
     code, log = run(tmp_path, *limit)
     assert code == 124, log
     stop = events(tmp_path, "preempted")[0]

@@ -136,7 +136,7 @@ def test_a_requeued_run_waits_for_the_old_one_to_save_then_resumes_it(tmp_path):
     old = start(tmp_path, "trainer.max_steps=100000", env={"PREEMPTIBLE_FAULTS": slow_disk})
     wait_for_step(tmp_path, 10, old)
     os.kill(old.pid, signal.SIGTERM)
-    new = start(tmp_path, "trainer.max_steps=100000", "ownership.wait=60", "trainer.max_time=3")
+    new = start(tmp_path, "trainer.max_steps=100000", "ownership.wait=60", "stopping.max_time=3")
     assert old.wait(timeout=120) == 143
     out, _ = new.communicate(timeout=120)
     stop = events(tmp_path, "preempted")[0]
@@ -250,14 +250,14 @@ def test_a_changed_configuration_at_resume_is_refused_or_applied_and_said(tmp_pa
 
 
 BAD_VALUES = [  # one per place a value is checked; every value: test_settings.py
-    ("scheduler.grace_period=abc", "scheduler.grace_period='abc'", {}),     # the recipe's settings
+    ("stopping.grace_period=abc", "stopping.grace_period='abc'", {}),     # the recipe's settings
     ("model.vocab_size=100", "model.vocab_size=100 is too small", {}),      # against the data
     ("data.paths=[]", "data.paths=[] lists no files", {}),                  # a building block
     ("lr_schedule.warmup_steps=-3", "lr_schedule.warmup_steps=-3", {}),     # a factory called by the recipe
     ("trainer.device=tpu", "trainer.device='tpu'", {}),                     # the process group's set-up
     ("checkpoint.keep=-1", "checkpoint.keep=-1", {}),                       # a library error, in recipe terms
     ("ownership.stale_after=0", "ownership.stale_after=0", {}),
-    ("trainer.log_every=1", "LOCAL_RANK='zero'", {"LOCAL_RANK": "zero"}),   # garbage from the launcher
+    ("report.log_every=1", "LOCAL_RANK='zero'", {"LOCAL_RANK": "zero"}),   # garbage from the launcher
 ]
 
 

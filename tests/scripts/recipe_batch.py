@@ -20,7 +20,7 @@ spec = importlib.util.spec_from_file_location("finetune", RECIPE)
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
 # Hydra finds conf/ next to the script (as when it runs as __main__), not as a package module's.
-recipe.main.__wrapped__.__module__ = "__main__"
+recipe.hydra_main.__wrapped__.__module__ = "__main__"
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 cases = json.load(sys.stdin)

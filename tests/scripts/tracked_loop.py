@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from preemptible import Run
+from preemptible import Checkpointer, Report, Run
 from preemptible.observe.trackers import MLflow, TensorBoard, WandB
 
 parser = argparse.ArgumentParser()
@@ -34,7 +34,9 @@ trackers = [TensorBoard(flush_secs=0.2), WandB(project="tests", mode="offline"),
             MLflow(tracking_uri="file://" + os.path.abspath(os.path.join(args.run_dir, "mlruns")), experiment="tests")]
 
 run = Run(args.run_dir, model=model, optimizer=opt, scheduler=sched, data=data, max_steps=args.steps,
-          interval=args.interval, keep=10, log_every=1, tracker=trackers, meta={"config": {"lr": 0.05, "steps": args.steps}})
+          tracker=trackers,
+          checkpoint=Checkpointer(interval=args.interval, keep=10, meta={"config": {"lr": 0.05, "steps": args.steps}}),
+          report=Report(log_every=1))
 with run:
     for x, y in run.batches():
         loss = torch.nn.functional.mse_loss(model(x), y)

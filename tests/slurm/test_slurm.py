@@ -17,7 +17,7 @@ STEPS = 300
 def submit(cluster, run_dir: Path, *sbatch_args, overrides=()):
     run_dir.mkdir(parents=True, exist_ok=True)
     return cluster.sbatch("--ntasks=2", f"--output={run_dir}/slurm-%j.out", "--open-mode=append", f"--chdir={REPO}",
-                          *sbatch_args, str(SBATCH), *TINY, "trainer.log_every=1", *overrides,
+                          *sbatch_args, str(SBATCH), *TINY, "report.log_every=1", *overrides,
                           env={"PYTHON": sys.executable, "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1",
                                "PYTHONUNBUFFERED": "1"})
 
@@ -97,7 +97,7 @@ def test_time_limit_signal(cluster, tmp_path):
     started = time.monotonic()
     # ~20 ms a step: run 1 is still going when USR2 comes; the requeued run finishes the rest.
     jid = submit(cluster, tmp_path, "--requeue", "--time=1", "--signal=B:USR2@30",
-                 overrides=["trainer.max_steps=2500", "scheduler.time_limit=false", "data.batch_size=16"])
+                 overrides=["trainer.max_steps=2500", "stopping.slurm_time_limit=false", "data.batch_size=16"])
     info = cluster.wait(jid, {"COMPLETED", "TIMEOUT", "FAILED"}, timeout=400)
     log = job_log(tmp_path)
     assert info["JobState"] == "COMPLETED", log

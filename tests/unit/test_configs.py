@@ -24,7 +24,7 @@ def _compose(*overrides):
 
 def test_every_group_option_is_covered():
     assert {g for g, _ in OPTIONS} == {"model", "data", "optim", "lr_schedule", "signal_handler", "checkpoint", "trainer",
-                                            "notices", "tracker"}
+                                       "notices", "tracker", "stopping", "ownership", "report"}
 
 
 @pytest.mark.parametrize("group, option", OPTIONS)
@@ -84,3 +84,46 @@ def test_signal_handler_overrides_from_the_command_line():
     assert build(cfg, "signal_handler") is None
     cfg = _compose("~signal_handler")
     assert build(cfg, "signal_handler") is None
+
+
+# Where the recipe chooses otherwise than the library's default, on purpose (each one said in the YAML).
+RECIPE_CHOICES = {
+    ("report", "default"): {"log_file": "finetune.log", "param_digests": True},
+    # the documented signal-handling API keeps its own defaults (one signal, a vote every step); the
+    # recipe stops on TERM/INT/HUP, votes as rarely as a 1 s latency allows, on a CPU side group
+    **{("signal_handler", o): {"sig": None, "group": None, "local_rank": None, "check_every": "auto"}
+       for o in ("default", "slurm", "sigterm")},
+    ("tracker", "mlflow"): {"experiment": "preemptible"},
+}
+
+
+def _library_defaults(target):
+    import dataclasses
+    import inspect
+
+    from hydra.utils import get_object
+
+    obj = get_object(target)
+    if dataclasses.is_dataclass(obj):
+        return {f.name: f.default for f in dataclasses.fields(obj) if f.init}
+    return {name: p.default for name, p in inspect.signature(obj).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("group, option", [o for o in OPTIONS if o[0] in (
+    "checkpoint", "stopping", "ownership", "report", "notices", "signal_handler", "tracker")])
+def test_each_yaml_default_equals_the_library_default_it_sets(group, option):
+    """One home per default: a YAML value that sets a library argument equals the library's default,
+    unless the recipe chooses otherwise on purpose (RECIPE_CHOICES)."""
+    node = OmegaConf.to_container(_compose(f"{group}={option}")[group], resolve=False)
+    if "_target_" not in node or not node["_target_"].startswith("preemptible."):
+        return
+    defaults = _library_defaults(node.pop("_target_"))
+    chosen = RECIPE_CHOICES.get((group, option), {})
+    for key, value in node.items():
+        assert key in defaults, f"{group}/{option}.yaml sets {key}, which {group}'s target does not take"
+        if key in chosen:
+            continue
+        expected = defaults[key]
+        expected = list(expected) if isinstance(expected, tuple) else expected
+        assert value == expected, f"{group}/{option}.yaml: {key}={value!r}, the library's default is {expected!r}"

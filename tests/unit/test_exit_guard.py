@@ -70,7 +70,7 @@ def test_a_run_lets_gloo_workers_finish_when_it_ends(tmp_path):
             sleep(seconds)
         pd.time.sleep = noted
         model = torch.nn.Linear(2, 2)
-        run = preemptible.Run({str(tmp_path / "run")!r}, model=model, signals=None, max_steps=1)
+        run = preemptible.Run({str(tmp_path / "run")!r}, model=model, stopping=preemptible.Stopping(signals=None), max_steps=1)
         with run:
             run.step_done()
         print('exit code', run.exit_code)
@@ -104,7 +104,8 @@ def test_late_term_and_int_after_a_finished_run_end_it_with_its_own_status(tmp_p
 LIFECYCLE_LOOP = """
 import os, signal, sys, torch, preemptible
 {setup}
-run = preemptible.Run(sys.argv[1], model=torch.nn.Linear(1, 1), max_steps=int(sys.argv[2]), interval=0)
+run = preemptible.Run(sys.argv[1], model=torch.nn.Linear(1, 1), max_steps=int(sys.argv[2]),
+                      checkpoint=preemptible.Checkpointer(interval=0))
 with run:
     while run.step < run.max_steps:
         run.step_done()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from preemptible import ConfigError, Run, export_weights, params_sha256
+from preemptible import Checkpointer, ConfigError, Run, Stopping, export_weights, params_sha256
 from preemptible.__main__ import main as cli
 from preemptible.observe.export import format_status, status
 
@@ -13,7 +13,8 @@ def run_dir(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Run(tmp_path / "run", model=model, optimizer=opt, signals=None, interval=2, keep=3) as run:
+    with Run(tmp_path / "run", model=model, optimizer=opt, stopping=Stopping(signals=None),
+             checkpoint=Checkpointer(interval=2, keep=3)) as run:
         for _ in range(6):
             model(torch.randn(2, 3)).sum().backward()
             opt.step()

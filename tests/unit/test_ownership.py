@@ -183,9 +183,9 @@ def test_a_read_only_remount_keeps_the_runs_one_line_error(tmp_path):
     script = tmp_path / "ro.py"
     script.write_text(textwrap.dedent("""
         import os, subprocess, sys, torch
-        from preemptible import Run
+        from preemptible import Checkpointer, Run
         mnt = sys.argv[1]
-        run = Run(os.path.join(mnt, "run"), model=torch.nn.Linear(1, 1), max_steps=3, interval=0)
+        run = Run(os.path.join(mnt, "run"), model=torch.nn.Linear(1, 1), max_steps=3, checkpoint=Checkpointer(interval=0))
         try:
             with run:
                 for _ in range(3):

@@ -14,7 +14,8 @@ from s3_helpers import S3  # noqa: E402
 
 from preemptible import ConfigError  # noqa: E402
 from preemptible.checkpoint.writer import Checkpointer, why_invalid  # noqa: E402
-from preemptible.checkpoint.remote import Remote, RemoteLease, Uploader  # noqa: E402
+from preemptible.checkpoint.remote import Remote, Uploader  # noqa: E402
+from preemptible.ownership.remote_lease import RemoteLease  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_s3_without_credentials_is_refused_at_construction(tmp_path, monkeypatch
     from preemptible import Run
 
     with pytest.raises(ConfigError, match="no S3 credentials are configured"):
-        Run(tmp_path / "run", checkpoint_dir="s3://bucket/prefix")
+        Run(tmp_path / "run", checkpoint=Checkpointer(dir="s3://bucket/prefix"))
     assert not (tmp_path / "run").exists()
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import preemptible
-from preemptible import ConfigError, Notices, Run, params_sha256
+from preemptible import Checkpointer, ConfigError, Notices, Ownership, Report, Run, Stopping, params_sha256
 
 
 def parts(seed=0):
@@ -25,13 +25,15 @@ def parts(seed=0):
     return model, opt, sched, data
 
 
-def train(run_dir, steps=12, signal_at=None, eval_stop_at=None, sig=signal.SIGTERM, stop_file_at=None, **kw):
+def train(run_dir, steps=12, signal_at=None, eval_stop_at=None, sig=signal.SIGTERM, stop_file_at=None, interval=5,
+          **stopping):
     """One run of a small loop; a real signal to this process after step `signal_at`; with
     `eval_stop_at`, the signal arrives during an eval phase after that step."""
     model, opt, sched, data = parts()
     scaler_like = torch.amp.GradScaler("cpu")
     run = Run(run_dir, model=model, optimizer=opt, scheduler=sched, data=data, state={"scaler": scaler_like},
-              values={"best": 1e9, "seen": []}, max_steps=steps, interval=kw.pop("interval", 5), **kw)
+              values={"best": 1e9, "seen": []}, max_steps=steps, checkpoint=Checkpointer(interval=interval),
+              stopping=Stopping(**stopping))
     with run:
         for x, y in run.batches():
             if eval_stop_at is not None and run.step == eval_stop_at:
@@ -97,8 +99,8 @@ def test_notices_default_on_and_off(tmp_path):
 
     model = torch.nn.Linear(1, 1)
     assert isinstance(Run(tmp_path / "a", model=model).notices, Notices)  # the stop file, by default
-    assert Run(tmp_path / "b", model=model, notices=None).notices is None
-    assert Run(tmp_path / "c", model=model, signals=None).notices is None  # nothing could agree on it
+    assert Run(tmp_path / "b", model=model, stopping=Stopping(notices=None)).notices is None
+    assert Run(tmp_path / "c", model=model, stopping=Stopping(signals=None)).notices is None  # nothing could agree on it
 
 
 def test_no_signal_handling_when_asked(tmp_path):
@@ -108,7 +110,8 @@ def test_no_signal_handling_when_asked(tmp_path):
 
 def test_an_exception_in_the_loop_saves_nothing_and_releases(tmp_path):
     model, opt, sched, data = parts()
-    run = Run(tmp_path / "run", model=model, optimizer=opt, data=data, interval=2, max_steps=10)
+    run = Run(tmp_path / "run", model=model, optimizer=opt, data=data, max_steps=10,
+              checkpoint=Checkpointer(interval=2))
     with pytest.raises(ZeroDivisionError):
         with run:
             for _ in run.batches():
@@ -124,63 +127,69 @@ def test_an_exception_in_the_loop_saves_nothing_and_releases(tmp_path):
 
 def test_a_failed_start_leaves_nothing_behind(tmp_path):
     model, opt, _, _ = parts()
-    run = Run(tmp_path / "new" / "run", model=model, optimizer=opt, resume=str(tmp_path / "missing"))
+    run = Run(tmp_path / "new" / "run", model=model, optimizer=opt,
+              checkpoint=Checkpointer(resume=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="resume="):
         with run:
             pass
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"interval": -1}, "interval=-1"),
-    ({"keep": 0}, "keep=0"),
-    ({"resume": ""}, "resume=''"),
-    ({"checkpoint_dir": ""}, "checkpoint_dir=''"),
-    ({"max_steps": -1}, "max_steps=-1"),
-    ({"stop_check": "vote"}, "stop_check='vote'"),
-    ({"grace_period": 0}, "grace_period=0"),
-    ({"exit_code_on_stop": 300}, "exit_code_on_stop=300"),
-    ({"log_every": 0}, "log_every=0"),
-    ({"max_time": -5}, "max_time=-5"),
-    ({"requeue": "maybe"}, "requeue='maybe'"),
-    ({"lease_wait": -1}, "lease_wait=-1"),
-    ({"stale_after": 0}, "stale_after=0"),
-    ({"signals": "SIGNOPE"}, "signals='SIGNOPE'"),
-    ({"signals": "SIGKILL"}, "SIGKILL cannot be caught"),
-    ({"state": {"ema": 3}}, "state['ema']=int"),
-    ({"state": {"model_optim": torch.nn.Linear(1, 1)}}, "state key 'model_optim'"),
-    ({"values": [1]}, "values=[1]"),
-    ({"data": 5}, "data=int"),
-    ({"scheduler": object()}, "scheduler=object"),
-    ({"param_digests": "sometimes"}, "param_digests='sometimes'"),
-    ({"max_time": 10, "signals": None}, "need signal handling"),
-    ({"notices": "aws"}, "notices='aws'; expected a preemptible.Notices or None"),
-    ({"notices": Notices(cloud="aws"), "signals": None}, "need signal handling to agree on the stop step"),
+@pytest.mark.parametrize("arguments, words", [  # made inside pytest.raises: a part checks itself when made
+    (lambda: dict(checkpoint=Checkpointer(interval=-1)), "interval=-1"),
+    (lambda: dict(checkpoint=Checkpointer(keep=0)), "keep=0"),
+    (lambda: dict(checkpoint=Checkpointer(resume="")), "resume=''"),
+    (lambda: dict(checkpoint=Checkpointer(dir="")), "dir=''"),
+    (lambda: dict(max_steps=-1), "max_steps=-1"),
+    (lambda: dict(stopping=Stopping(stop_check="vote")), "stop_check='vote'"),
+    (lambda: dict(stopping=Stopping(grace_period=0)), "grace_period=0"),
+    (lambda: dict(stopping=Stopping(exit_code_on_stop=300)), "exit_code_on_stop=300"),
+    (lambda: dict(report=Report(log_every=0)), "log_every=0"),
+    (lambda: dict(stopping=Stopping(max_time=-5)), "max_time=-5"),
+    (lambda: dict(stopping=Stopping(requeue="maybe")), "requeue='maybe'"),
+    (lambda: dict(ownership=Ownership(wait=-1)), "wait=-1"),
+    (lambda: dict(ownership=Ownership(stale_after=0)), "stale_after=0"),
+    (lambda: dict(stopping=Stopping(signals="SIGNOPE")), "signals='SIGNOPE'"),
+    (lambda: dict(stopping=Stopping(signals="SIGKILL")), "SIGKILL cannot be caught"),
+    (lambda: dict(state={"ema": 3}), "state['ema']=int"),
+    (lambda: dict(state={"model_optim": torch.nn.Linear(1, 1)}), "state key 'model_optim'"),
+    (lambda: dict(values=[1]), "values=[1]"),
+    (lambda: dict(data=5), "data=int"),
+    (lambda: dict(scheduler=object()), "scheduler=object"),
+    (lambda: dict(report=Report(param_digests="sometimes")), "param_digests='sometimes'"),
+    (lambda: dict(stopping=Stopping(max_time=10, signals=None)), "need signal handling"),
+    (lambda: dict(stopping=Stopping(notices="aws")), "notices='aws'; expected a preemptible.Notices, 'default' or None"),
+    (lambda: dict(stopping=Stopping(notices=Notices(cloud="aws"), signals=None)), "need signal handling to agree on the stop step"),
     # values that would pass silently: nan never fires a limit, a string is not a bool
-    ({"max_time": float("nan")}, "max_time=nan; expected seconds > 0 or null (a finite value)"),
-    ({"save_guess": float("nan")}, "save_guess=nan"),
-    ({"margin": float("inf")}, "margin=inf"),
-    ({"grace_period": float("nan")}, "grace_period=nan"),
-    ({"lease_wait": float("nan")}, "lease_wait=nan"),
-    ({"stale_after": float("inf")}, "stale_after=inf"),
-    ({"slurm_time_limit": "no"}, "slurm_time_limit='no'; expected true or false"),
-    ({"checkpoint_dir": 123}, "checkpoint_dir=123; expected a directory path"),
-    ({"signals": "SIGCHLD"}, "SIGCHLD is not a stop request"),
-    ({"signals": ["SIGTERM", "SIGWINCH"]}, "SIGWINCH is not a stop request"),
+    (lambda: dict(stopping=Stopping(max_time=float("nan"))), "max_time=nan; expected seconds > 0 or null (a finite value)"),
+    (lambda: dict(stopping=Stopping(save_guess=float("nan"))), "save_guess=nan"),
+    (lambda: dict(stopping=Stopping(margin=float("inf"))), "margin=inf"),
+    (lambda: dict(stopping=Stopping(grace_period=float("nan"))), "grace_period=nan"),
+    (lambda: dict(ownership=Ownership(wait=float("nan"))), "wait=nan"),
+    (lambda: dict(ownership=Ownership(stale_after=float("inf"))), "stale_after=inf"),
+    (lambda: dict(stopping=Stopping(slurm_time_limit="no")), "slurm_time_limit='no'; expected true or false"),
+    (lambda: dict(checkpoint=Checkpointer(dir=123)), "dir=123; expected a directory path"),
+    (lambda: dict(stopping=Stopping(signals="SIGCHLD")), "SIGCHLD is not a stop request"),
+    (lambda: dict(stopping=Stopping(signals=["SIGTERM", "SIGWINCH"])), "SIGWINCH is not a stop request"),
     # one line, not a traceback later
-    ({"handler": object()}, "handler=object; expected a preemptible.DistributedSignalHandler"),
-    ({"checkpointer": object()}, "checkpointer=object; expected a preemptible.checkpoint.Checkpointer"),
-    ({"max_latency": "x"}, "max_latency='x'; expected seconds > 0"),
-    ({"stop_check": "gradients"}, "stop_check=gradients needs a DDP model"),
-    ({"meta": {"when": __import__("datetime").datetime(2026, 1, 1)}}, "meta['when'] is not JSON data"),
-    ({"meta": {"files": 1}}, "meta key 'files'"),
-    ({"values": {"best": __import__("numpy").float32(1.5)}}, "run.values['best']=np.float32(1.5) (float32) is not plain data"),
-    ({"values": {"when": __import__("fractions").Fraction(1, 3)}}, "run.values['when']=Fraction(1, 3)"),
-    ({"optimizer": torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1)}, "optimizer= holds 2 parameter(s)"),
+    (lambda: dict(stopping=Stopping(signals=object())), "signals=<object object at"),
+    (lambda: dict(checkpoint=object()), "checkpoint=object; expected a preemptible.Checkpointer"),
+    (lambda: dict(stopping=Stopping(max_latency="x")), "max_latency='x'; expected seconds > 0"),
+    (lambda: dict(stopping=Stopping(stop_check="gradients")), "stop_check=gradients needs a DDP model"),
+    (lambda: dict(checkpoint=Checkpointer(meta={"when": __import__("datetime").datetime(2026, 1, 1)})), "meta['when'] is not JSON data"),
+    (lambda: dict(checkpoint=Checkpointer(meta={"files": 1})), "meta key 'files'"),
+    (lambda: dict(values={"best": __import__("numpy").float32(1.5)}), "run.values['best']=np.float32(1.5) (float32) is not plain data"),
+    (lambda: dict(values={"when": __import__("fractions").Fraction(1, 3)}), "run.values['when']=Fraction(1, 3)"),
+    (lambda: dict(optimizer=torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1)), "optimizer= holds 2 parameter(s)"),
+    # an argument that became part of a part names where it lives now
+    (lambda: dict(interval=3), "Run(interval=...) moved to a part of Run: pass checkpoint=Checkpointer(interval=...)"),
+    (lambda: dict(handler=None), "pass stopping=Stopping(signals=<the handler>)"),
+    (lambda: dict(lease_wait=5), "pass ownership=Ownership(wait=...)"),
+    (lambda: dict(bogus=1), "Run() got an unknown argument bogus="),
 ])
-def test_bad_arguments_name_the_argument_and_write_nothing(tmp_path, kwargs, words):
+def test_bad_arguments_name_the_argument_and_write_nothing(tmp_path, arguments, words):
     with pytest.raises(ConfigError) as e:
-        Run(tmp_path / "run", model=torch.nn.Linear(1, 1), **kwargs)
+        Run(tmp_path / "run", model=torch.nn.Linear(1, 1), **arguments())
     assert words in str(e.value)
     assert not (tmp_path / "run").exists()
 
@@ -191,18 +200,21 @@ def test_a_value_no_resume_could_load_is_refused_at_the_assignment_and_at_the_sa
     import numpy as np
 
     model = torch.nn.Linear(1, 1)
-    run = Run(tmp_path / "run", model=model, values={"seen": []}, max_steps=3, interval=1, signals=None)
+    run = Run(tmp_path / "run", model=model, values={"seen": []}, max_steps=3,
+              checkpoint=Checkpointer(interval=1), stopping=Stopping(signals=None))
     with pytest.raises(ConfigError, match=r"run.values\['best'\]=np.float32\(1.5\) \(float32\)"):
         with run:
             run.values["best"] = np.float32(1.5)
     assert "best" not in run.values
-    run = Run(tmp_path / "run2", model=model, values={"seen": []}, max_steps=3, interval=1, signals=None)
+    run = Run(tmp_path / "run2", model=model, values={"seen": []}, max_steps=3,
+              checkpoint=Checkpointer(interval=1), stopping=Stopping(signals=None))
     with pytest.raises(ConfigError, match=r"run.values\['seen'\]"):
         with run:
             run.step_done()
             run.values["seen"].append(np.float64(2.0) * np.ones(1)[0].astype(np.float16))
             run.step_done()
-    run = Run(tmp_path / "run2", model=model, values={"seen": []}, max_steps=3, interval=1, signals=None)
+    run = Run(tmp_path / "run2", model=model, values={"seen": []}, max_steps=3,
+              checkpoint=Checkpointer(interval=1), stopping=Stopping(signals=None))
     with run:  # resumes from step 1, the last checkpoint that holds only plain values
         assert run.step == 1 and run.values["seen"] == []
 
@@ -257,8 +269,8 @@ def test_a_resume_says_what_it_cannot_know(tmp_path, caplog):
 
     shared = str(tmp_path / "ckpts")
     for run_dir in ("first", "first", "second"):
-        run = Run(tmp_path / run_dir, model=torch.nn.Linear(1, 1), max_steps=None, interval=0, signals=None,
-                  checkpoint_dir=shared)
+        run = Run(tmp_path / run_dir, model=torch.nn.Linear(1, 1), max_steps=None,
+                  checkpoint=Checkpointer(interval=0, dir=shared), stopping=Stopping(signals=None))
         with caplog.at_level(logging.WARNING, logger="preemptible.run"):
             caplog.clear()
             with run:

@@ -11,6 +11,7 @@ from preemptible.errors import ConfigError
 from finetune_parts.data import ByteWindows
 from finetune_parts.lr import warmup_cosine
 from finetune_parts.model import GPT
+from finetune_parts.hydra_glue import build
 from finetune_parts.settings import config_changes, validate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -26,19 +27,19 @@ def test_the_default_configuration_is_valid():
 
 
 @pytest.mark.parametrize("override, words", [
-    ("scheduler.grace_period=abc", "scheduler.grace_period='abc'"),
-    ("scheduler.grace_period=0", "scheduler.grace_period=0; expected a number > 0 or null"),
-    ("scheduler.grace_period=-5", "scheduler.grace_period=-5"),
-    ("trainer.exit_code_on_stop=256", "trainer.exit_code_on_stop=256; expected an exit status from 0 to 255"),
-    ("trainer.exit_code_on_stop=-1", "trainer.exit_code_on_stop=-1"),
-    ("trainer.exit_code_on_stop=true", "trainer.exit_code_on_stop=True"),
-    ("trainer.log_every=0", "trainer.log_every=0"),
+    ("stopping.grace_period=abc", "stopping.grace_period='abc'"),
+    ("stopping.grace_period=0", "stopping.grace_period=0; expected seconds > 0 or null"),
+    ("stopping.grace_period=-5", "stopping.grace_period=-5"),
+    ("stopping.exit_code_on_stop=256", "stopping.exit_code_on_stop=256; expected an exit status from 0 to 255"),
+    ("stopping.exit_code_on_stop=-1", "stopping.exit_code_on_stop=-1"),
+    ("stopping.exit_code_on_stop=true", "stopping.exit_code_on_stop=True"),
+    ("report.log_every=0", "report.log_every=0"),
     ("trainer.max_steps=true", "trainer.max_steps=True"),
     ("trainer.max_steps=1.5", "trainer.max_steps=1.5"),
-    ("scheduler.save_guess=abc", "scheduler.save_guess='abc'"),
-    ("scheduler.margin=-1", "scheduler.margin=-1"),
-    ("scheduler.time_limit=maybe", "scheduler.time_limit='maybe'"),
-    ("trainer.param_digests=1", "trainer.param_digests=1"),
+    ("stopping.save_guess=abc", "stopping.save_guess='abc'"),
+    ("stopping.margin=-1", "stopping.margin=-1"),
+    ("stopping.slurm_time_limit=maybe", "stopping.slurm_time_limit='maybe'"),
+    ("report.param_digests=1", "report.param_digests=1"),
     ("optim.lr=-1", "optim.lr=-1"),
     ("optim.lr=0", "optim.lr=0"),
     ("ownership.wait=-1", "ownership.wait=-1"),
@@ -46,11 +47,11 @@ def test_the_default_configuration_is_valid():
     ("seed=abc", "seed='abc'"),
     ("optim.lr=inf", "optim.lr=inf; expected a number > 0 (a finite value)"),
     ("optim.lr=nan", "optim.lr=nan"),
-    ("scheduler.grace_period=nan", "scheduler.grace_period=nan"),
-    ("scheduler.save_guess=nan", "scheduler.save_guess=nan"),
-    ("scheduler.margin=inf", "scheduler.margin=inf"),
+    ("stopping.grace_period=nan", "stopping.grace_period=nan"),
+    ("stopping.save_guess=nan", "stopping.save_guess=nan"),
+    ("stopping.margin=inf", "stopping.margin=inf"),
     ("ownership.wait=nan", "ownership.wait=nan"),
-    ("scheduler.time_limit=no", "scheduler.time_limit='no'"),
+    ("stopping.slurm_time_limit=no", "stopping.slurm_time_limit='no'"),
     ("optim.betas=abc", "optim.betas='abc'; expected two numbers in [0, 1)"),
     ("optim.betas=[0.9,2]", "optim.betas=[0.9, 2]"),
     ("optim.weight_decay=-1", "optim.weight_decay=-1"),
@@ -58,8 +59,12 @@ def test_the_default_configuration_is_valid():
     ("run_dir=''", "run_dir=''; expected a directory path"),
 ])
 def test_bad_values_are_named(override, words):
+    """What the recipe checks before anything is written: its own keys, then each part as it is built."""
+    cfg = compose_with(override)
     with pytest.raises(ConfigError) as e:
-        validate(compose_with(override))
+        validate(cfg)
+        for node in ("checkpoint", "stopping", "ownership", "report", "notices", "signal_handler"):
+            build(cfg, node)
     assert words in str(e.value)
 
 
@@ -108,12 +113,12 @@ def test_launcher_variables(monkeypatch, env, words):
 
 
 def test_config_changes_are_sorted_into_refused_applied_and_other():
-    old = {"seed": 1, "model": {"n_embd": 32, "dropout": 0.1}, "optim": {"lr": 0.001}, "trainer": {"max_steps": 10,
-           "log_every": 10}, "checkpoint": {"resume": "auto"}}
-    new = {"seed": 1, "model": {"n_embd": 64, "dropout": 0.0}, "optim": {"lr": 0.002}, "trainer": {"max_steps": 20,
-           "log_every": 5}, "checkpoint": {"resume": "auto"}}
+    old = {"seed": 1, "model": {"n_embd": 32, "dropout": 0.1}, "optim": {"lr": 0.001}, "trainer": {"max_steps": 10},
+           "report": {"log_every": 10}, "checkpoint": {"resume": "auto"}}
+    new = {"seed": 1, "model": {"n_embd": 64, "dropout": 0.0}, "optim": {"lr": 0.002}, "trainer": {"max_steps": 20},
+           "report": {"log_every": 5}, "checkpoint": {"resume": "auto"}}
     refused, applied, other = config_changes(old, new)
     assert refused == ["model.n_embd: 32 -> 64"]
     assert applied == ["model.dropout: 0.1 -> 0.0", "optim.lr: 0.001 -> 0.002", "trainer.max_steps: 10 -> 20"]
-    assert other == ["trainer.log_every: 10 -> 5"]
+    assert other == ["report.log_every: 10 -> 5"]
     assert config_changes(None, new) == ([], [], [])

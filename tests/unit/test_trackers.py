@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from preemptible import ConfigError, Run, read_history
+from preemptible import Checkpointer, ConfigError, Report, Run, read_history
 from preemptible.observe.trackers import MLflow, TensorBoard, TrackerFeed, WandB
 
 
@@ -38,8 +38,8 @@ def _train(run_dir, trackers, steps=12, stop_at=None, **kw):
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data = StatefulDataLoader(TensorDataset(torch.randn(64, 4), torch.randn(64, 1)), batch_size=4)
-    run = Run(run_dir, model=model, optimizer=opt, data=data, max_steps=steps, interval=5, log_every=1,
-              tracker=trackers, meta={"config": {"lr": 0.1}}, **kw)
+    run = Run(run_dir, model=model, optimizer=opt, data=data, max_steps=steps, tracker=trackers,
+              checkpoint=Checkpointer(interval=5, meta={"config": {"lr": 0.1}}, **kw), report=Report(log_every=1))
     with run:
         for x, y in run.batches():
             loss = torch.nn.functional.mse_loss(model(x), y)

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from preemptible import ConfigError, Run, params_sha256
+from preemptible import Checkpointer, ConfigError, Run, Stopping, params_sha256
 
 STEPS, ACCUM = 10, 2
 
@@ -35,7 +35,8 @@ def prefetching_loop(run_dir, make_data, ahead=1, term_at=None, declared=None, m
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    run = Run(run_dir, model=model, optimizer=opt, data=make_data(), max_steps=STEPS, interval=3)
+    run = Run(run_dir, model=model, optimizer=opt, data=make_data(), max_steps=STEPS,
+              checkpoint=Checkpointer(interval=3))
     losses = []
     if module_level:
         run.start()
@@ -94,7 +95,8 @@ def test_a_plain_iterable_is_accepted_and_its_restart_is_said(tmp_path, caplog):
     data = [(torch.full((2, 4), float(i)), torch.ones(2, 1)) for i in range(3)]
     seen = []
     for steps in (2, 4):
-        run = Run(tmp_path / "run", model=model, data=data, max_steps=steps, interval=0, signals=None)
+        run = Run(tmp_path / "run", model=model, data=data, max_steps=steps, checkpoint=Checkpointer(interval=0),
+                  stopping=Stopping(signals=None))
         with caplog.at_level(logging.WARNING, logger="preemptible.run"), run:
             for x, y in run.batches():
                 seen.append(float(x[0, 0]))
@@ -104,7 +106,7 @@ def test_a_plain_iterable_is_accepted_and_its_restart_is_said(tmp_path, caplog):
 
 
 def test_start_exit_and_batches_misuse_are_named(tmp_path):
-    run = Run(tmp_path / "run", model=torch.nn.Linear(1, 1), data=[1, 2], signals=None)
+    run = Run(tmp_path / "run", model=torch.nn.Linear(1, 1), data=[1, 2], stopping=Stopping(signals=None))
     with pytest.raises(RuntimeError, match="between run.start"):
         run.step_done()
     run.start()
@@ -117,8 +119,9 @@ def test_start_exit_and_batches_misuse_are_named(tmp_path):
 
 KILLED_LOOP = """
 import os, signal, sys, torch
-from preemptible import Run
-run = Run(sys.argv[1], model=torch.nn.Linear(1, 1), max_steps=100, interval=20, log_every=10)
+from preemptible import Checkpointer, Report, Run
+run = Run(sys.argv[1], model=torch.nn.Linear(1, 1), max_steps=100, checkpoint=Checkpointer(interval=20),
+          report=Report(log_every=10))
 with run:
     while run.step < 100:
         run.step_done(loss=torch.tensor(1.0))
@@ -141,7 +144,8 @@ def test_a_kill_between_metrics_flushes_is_reported_at_the_step_it_happened(tmp_
     proc = subprocess.run([sys.executable, "-c", KILLED_LOOP, str(tmp_path / "run")], capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL
     assert max(r["step"] for r in read_metrics(tmp_path / "run") if "event" not in r) == 40  # rows lag the kill
-    run = Run(tmp_path / "run", model=torch.nn.Linear(1, 1), max_steps=50, interval=0, signals=None)
+    run = Run(tmp_path / "run", model=torch.nn.Linear(1, 1), max_steps=50, checkpoint=Checkpointer(interval=0),
+              stopping=Stopping(signals=None))
     with run:
         while run.step < 50:
             run.step_done()
@@ -164,7 +168,8 @@ def test_a_loader_with_a_generator_of_its_own_is_exact_across_the_next_epoch(tmp
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 1)
         opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-        run = Run(run_dir, model=model, optimizer=opt, data=make(), max_steps=20, interval=3)
+        run = Run(run_dir, model=model, optimizer=opt, data=make(), max_steps=20,
+                  checkpoint=Checkpointer(interval=3))
         seen = []
         with run:
             for x, y in run.batches():

@@ -17,10 +17,9 @@ from typing import Any, Optional
 
 from preemptible.checkpoint.safe_load import plain_name
 from preemptible.checkpoint.storage import file_crc32c
+from preemptible.errors import ConfigError
+from preemptible.names import ABANDONED, COMMIT, LATEST  # noqa: F401  (read by the writer and lineage)
 
-COMMIT = "COMMITTED"
-LATEST = "latest"
-ABANDONED = "abandoned"
 FORMAT = 2  # markers with checksums and lineage
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -121,3 +120,24 @@ def in_line(marker: dict[str, Any], line: list) -> bool:
     if lineage == line[-1][0]:
         return True
     return any(seg_lineage == lineage and seg_end is not None and step <= seg_end for seg_lineage, seg_end in line[:-1])
+
+
+# What a commit marker holds of its own; meta= cannot replace these.
+MARKER_KEYS = ("format", "step", "world_size", "time", "files", "lineage", "line", "parent", "run_dir",
+               "marker_crc32c")
+
+
+def check_meta(meta: Any) -> None:
+    """meta= goes into every commit marker (JSON): plain JSON data, under keys of its own."""
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise ConfigError(f"meta={meta!r}; expected a dict of JSON data (str keys) or None")
+    for key, value in meta.items():
+        if not isinstance(key, str) or key in MARKER_KEYS:
+            raise ConfigError(f"meta key {key!r}: expected a str other than {', '.join(MARKER_KEYS)}")
+        try:
+            json.dumps(value, allow_nan=True)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"meta[{key!r}] is not JSON data ({e}); store str, numbers, bools, None, lists "
+                              "and dicts (x.isoformat() for a datetime, x.tolist() for a tensor)") from None

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from preemptible.errors import UnsafeCheckpointError
+from preemptible.names import COMMIT
 
 # Every global a DCP `.metadata` pickle refers to (torch 2.9-2.13), and nothing that can act.
 _METADATA_GLOBALS = {
@@ -56,7 +57,7 @@ def load_metadata(stream: Any) -> Any:
 
 def plain_name(name: Any) -> bool:
     """A file name that stays inside its checkpoint directory: no separator, not '.', '..' or empty."""
-    return (isinstance(name, str) and name not in ("", ".", "..", "COMMITTED") and "/" not in name
+    return (isinstance(name, str) and name not in ("", ".", "..", COMMIT) and "/" not in name
             and "\\" not in name and "\0" not in name)
 
 

@@ -40,11 +40,13 @@ from preemptible import faults, heartbeat
 from preemptible.distributed.env import barrier, is_distributed
 from preemptible.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from preemptible.checkpoint.remote import Remote, Uploader, is_remote
-from preemptible.checkpoint.layout import (ABANDONED, COMMIT, FORMAT, LATEST, in_line, marker_checksum,  # noqa: F401
+from preemptible.checkpoint.layout import (ABANDONED, check_meta, COMMIT, FORMAT, LATEST, in_line, marker_checksum,  # noqa: F401
                                            read_marker, step_of, why_invalid)  # (this module's face: re-exported)
 from preemptible.checkpoint.lineage import Finding, Resume  # noqa: F401 -- Resume: part of this module's face
 from preemptible.checkpoint.safe_load import SafePlanner, SafeReader
+from preemptible.checks import boolean, number
 from preemptible.checkpoint.storage import SUMS_PREFIX, file_writer, fsync_path, write_atomic
+from preemptible.names import CHECKPOINTS
 
 log = logging.getLogger("preemptible.checkpoint")  # the name users filter on (stable across moves)
 
@@ -128,20 +130,14 @@ class Checkpointer(Finding):
     def __init__(self, dir: Optional[str] = None, interval: int = 100, keep: int = 2, resume: str = "auto",
                  async_save: bool = False, write_threads: int = 2, fsync: bool = True, writeback_mib: int = 8,
                  zip_crc32: bool = False, verify: bool = True, keep_abandoned: bool = True,
-                 local_dir: Optional[str] = None):
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
-            raise ConfigError(f"interval={interval!r}; expected an int >= 0 (0 = only on stop and at the end)")
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ConfigError(f"keep={keep!r}; expected an int >= 1 (the newest committed checkpoints kept)")
-        if isinstance(write_threads, bool) or not isinstance(write_threads, int) or write_threads < 1:
-            raise ConfigError(f"write_threads={write_threads!r}; expected an int >= 1")
+                 local_dir: Optional[str] = None, meta: Optional[dict[str, Any]] = None):
+        number("interval", interval, integer=True, hint="0 = only on stop and at the end")
+        number("keep", keep, low=1, integer=True, hint="the newest committed checkpoints kept")
+        number("write_threads", write_threads, low=1, integer=True)
+        number("writeback_mib", writeback_mib, integer=True, hint="0 = flush only at the final fsync")
         for name, value in (("fsync", fsync), ("zip_crc32", zip_crc32), ("async_save", async_save),
                             ("verify", verify), ("keep_abandoned", keep_abandoned)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{name}={value!r}; expected true or false")
-        if isinstance(writeback_mib, bool) or not isinstance(writeback_mib, int) or writeback_mib < 0:
-            raise ConfigError(f"writeback_mib={writeback_mib!r}; expected an int >= 0 "
-                              "(0 = flush only at the final fsync)")
+            boolean(name, value)
         if not isinstance(resume, str) or not resume:
             raise ConfigError(f"resume={resume!r}; expected auto, never or a checkpoint directory")
         if dir is not None and (not isinstance(dir, str) or not dir):
@@ -150,6 +146,7 @@ class Checkpointer(Finding):
         if local_dir is not None and (not isinstance(local_dir, str) or not local_dir or is_remote(local_dir)):
             raise ConfigError(f"local_dir={local_dir!r}; expected a local directory path or null "
                               "(<run dir>/checkpoints)")
+        check_meta(meta)
         self.remote = Remote(dir) if is_remote(dir) else None
         if local_dir is not None and self.remote is None:
             raise ConfigError(f"local_dir={local_dir!r} is for a remote dir (s3://...); dir={dir!r} is local already")
@@ -164,7 +161,7 @@ class Checkpointer(Finding):
         self.rank = 0
         self.run_dir: Optional[str] = None  # recorded in every marker: which run wrote it
         self.branched_from: Optional[str] = None  # the resume=PATH this run's branch started at (kept in latest)
-        self.meta: dict[str, Any] = {}   # stored in every commit marker (the recipe: its composed config)
+        self.meta: dict[str, Any] = dict(meta or {})  # stored in every commit marker (the recipe: its config)
         self.line: list = [[uuid.uuid4().hex[:12], None]]  # a fresh run's own lineage, until a resume says otherwise
         self.head: Optional[str] = None  # the head checkpoint (name under root, or an absolute path)
         self.last_committed_step: Optional[int] = None
@@ -183,12 +180,12 @@ class Checkpointer(Finding):
         self.rank = rank
         self.run_dir = str(Path(run_dir).absolute())
         if self.remote is not None:
-            self.root = Path(self.local_dir) if self.local_dir else Path(run_dir) / "checkpoints"
+            self.root = Path(self.local_dir) if self.local_dir else Path(run_dir) / CHECKPOINTS
             if rank == 0:
                 self.uploader = Uploader(self.remote, self.keep, lambda: self.remote_owner_check
                                          and self.remote_owner_check())
         else:
-            self.root = Path(self.dir) if self.dir else Path(run_dir) / "checkpoints"
+            self.root = Path(self.dir) if self.dir else Path(run_dir) / CHECKPOINTS
         probe = self.root / f".write-probe-rank{rank}-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)

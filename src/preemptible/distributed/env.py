@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from preemptible.errors import ConfigError
+from preemptible.stopping.signals import JOB_ENDING
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def shutdown() -> None:
 # What launchers and schedulers send to end a job; torchrun's agent SIGTERMs the remaining workers
 # as soon as one exits with a non-zero status (a stop's 143), so a worker that is a moment slower
 # would die by it and report -15.
-LATE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+LATE_SIGNALS = JOB_ENDING
 
 
 def ignore_late_signals(extra: tuple = ()) -> None:

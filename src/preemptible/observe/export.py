@@ -18,6 +18,7 @@ import torch
 from preemptible.checkpoint.writer import COMMIT, LATEST, Checkpointer, in_line, read_marker, step_of, why_invalid
 from preemptible.observe.metrics import read_metrics
 from preemptible.errors import ConfigError, UnsafeCheckpointError
+from preemptible.names import ABANDONED, CHECKPOINTS, LEASE, METRICS
 
 MODEL_PREFIX = "model_optim.model."
 FORMATS = ("pt", "safetensors")
@@ -25,7 +26,7 @@ FORMATS = ("pt", "safetensors")
 
 def checkpoint_root(path: Path) -> Path:
     """A run directory's checkpoint directory (`<run>/checkpoints` if there), else `path` itself."""
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
 
 
 def _reader(root: Path, verify: bool) -> Checkpointer:
@@ -141,12 +142,12 @@ def status(run_dir: Any, verify: bool = False) -> dict[str, Any]:
             pass
         row["head"] = bool(head and head.get("checkpoint") == path.name)
         rows.append(row)
-    abandoned = sorted(p.name for p in (root / "abandoned").glob("*/*")) if (root / "abandoned").is_dir() else []
-    events = [row for row in read_metrics(run_dir / "metrics.jsonl") if "event" in row]
+    abandoned = sorted(p.name for p in (root / ABANDONED).glob("*/*")) if (root / ABANDONED).is_dir() else []
+    events = [row for row in read_metrics(run_dir / METRICS) if "event" in row]
     owner = None
-    if (run_dir / "OWNER").is_file():
+    if (run_dir / LEASE).is_file():
         try:
-            owner = json.loads((run_dir / "OWNER").read_text())
+            owner = json.loads((run_dir / LEASE).read_text())
         except (OSError, ValueError):
             owner = None
         if not isinstance(owner, dict):

@@ -14,8 +14,7 @@ import torch
 
 log = logging.getLogger("preemptible.train")
 
-METRICS = "metrics.jsonl"
-PROGRESS = "progress.json"  # the last step reached, rewritten in place every step (no fsync: a kill keeps it)
+from preemptible.names import METRICS, PROGRESS  # noqa: F401  (PROGRESS: rewritten every step, no fsync: a kill keeps it)
 ENDS = ("done", "preempted", "failed", "killed")  # events that close a run's segment of metrics.jsonl
 
 
@@ -27,8 +26,6 @@ class Metrics:
     """
 
     def __init__(self, run_dir: str, enabled: bool, max_steps: Optional[int], log_every: int = 10):
-        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every={log_every!r}; expected an int >= 1")
         self.enabled, self.log_every, self.max_steps = enabled, log_every, max_steps
         self.path = os.path.join(run_dir, METRICS)
         self.progress_path = os.path.join(run_dir, PROGRESS)

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from preemptible.errors import ConfigError
 from preemptible.observe.metrics import History, read_history, read_metrics
+from preemptible.names import METRICS
 
 
 @dataclass
@@ -69,7 +70,7 @@ def plot_run(run_dir: Any, out: Optional[Any] = None, title: Optional[str] = Non
     except ImportError:
         raise ConfigError("plotting needs matplotlib: pip install 'preemptible[plot]'") from None
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
+    if not (run_dir / METRICS).is_file():
         raise ConfigError(f"run_dir={str(run_dir)!r} has no metrics.jsonl; expected a run directory")
     history: History = read_history(run_dir)
     if not history.rows:

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from preemptible.errors import ConfigError
+from preemptible.names import TRACKERS
 
 log = logging.getLogger("preemptible.trackers")  # the name users filter on (stable across moves)
 
-STATE_FILE = "trackers.json"
+STATE_FILE = TRACKERS
 _SKIP = ("step", "time", "event")
 
 

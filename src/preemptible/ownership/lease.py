@@ -28,15 +28,16 @@ import secrets
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from preemptible.checks import seconds
 from preemptible.errors import CheckpointError, ConfigError
+from preemptible.names import LEASE
 
 log = logging.getLogger("preemptible.ownership")  # the name users filter on (stable across moves)
 
-LEASE = "OWNER"
 
 
 def _job_id() -> Optional[str]:
@@ -80,6 +81,28 @@ def describe(owner: dict[str, Any]) -> str:
     return f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}{job}, since {since}"
 
 
+WAIT = 120.0        # seconds a second run waits for the owner (a requeued job overlapping the old one)
+STALE_AFTER = 30.0  # seconds without a renewal after which an owner on another host counts as dead
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """One run per run directory, one part of `Run` (`Run(ownership=Ownership(...))`).
+
+    wait:        seconds a second run on the directory waits for the owner to finish, then fails
+                 naming it (0: fail at once).
+    stale_after: seconds without a renewal after which an owner on another host (or in another PID
+                 namespace) counts as dead; one on this host whose process is gone is dead at once.
+    """
+
+    wait: float = WAIT
+    stale_after: float = STALE_AFTER
+
+    def __post_init__(self) -> None:
+        seconds("wait", self.wait)
+        seconds("stale_after", self.stale_after, strict=True)
+
+
 class RunLease:
     """Ownership of `directory` for one run (acquired by rank 0; see the module docstring).
 
@@ -88,7 +111,7 @@ class RunLease:
     heartbeat:   seconds between renewals (default: stale_after / 6).
     """
 
-    def __init__(self, directory: str | os.PathLike, wait: float = 120.0, stale_after: float = 30.0,
+    def __init__(self, directory: str | os.PathLike, wait: float = WAIT, stale_after: float = STALE_AFTER,
                  heartbeat: Optional[float] = None):
         seconds("wait", wait)
         seconds("stale_after", stale_after, strict=True)

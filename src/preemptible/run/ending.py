@@ -48,7 +48,7 @@ class Ending:
         faults.inject("final_save", self.step)
         if self.stop is None:
             self.last_checkpoint = self._save()
-            self.metrics.event("done", step=self.step, params_sha256=self._digest(always=self.param_digests != False),
+            self.metrics.event("done", step=self.step, params_sha256=self._digest(always=self.report.param_digests != False),
                                checkpoint=str(self.last_checkpoint))
             if self._resumed_step == self.step and self.max_steps is not None and self.step >= self.max_steps:
                 log.info("already finished at step %d (checkpoint %s): nothing to train", self.step,
@@ -62,8 +62,8 @@ class Ending:
             return
         stop = self.stop
         estimate, basis = self.save_estimate()
-        requeue = self.rank == 0 and want_requeue(self.requeue)
-        skipped, risk = save_decision(stop, self.grace_period, estimate, "a SLURM requeue" if requeue else None)
+        requeue = self.rank == 0 and want_requeue(self._stopping.requeue)
+        skipped, risk = save_decision(stop, self._stopping.grace_period, estimate, "a SLURM requeue" if requeue else None)
         if risk and not skipped:
             log.warning("%s (%s); saving anyway: a save cut off by the kill commits nothing, and the last "
                         "committed checkpoint stays the one to resume from", risk, basis)
@@ -85,14 +85,14 @@ class Ending:
         else:
             log.info("stopped at step %d on %s; checkpoint %s; %s", self.step, stop.reason, self.last_checkpoint,
                      again, extra=LIFECYCLE)
-        self.exit_code = exit_status(stop, self.exit_code_on_stop)
+        self.exit_code = exit_status(stop, self._stopping.exit_code_on_stop)
 
     def _wait_upload(self, stop: Stop, cp: Checkpointer) -> bool:
         """Rank 0, remote dir: the stop's checkpoint must reach the store; wait as long as the grace
         period (or a notice's deadline) allows, and say so when it cannot cover the upload."""
         left = None
-        if self.grace_period is not None and stop.first_seen != float("inf"):
-            left = self.grace_period - (time.time() - stop.first_seen)
+        if self._stopping.grace_period is not None and stop.first_seen != float("inf"):
+            left = self._stopping.grace_period - (time.time() - stop.first_seen)
         if stop.deadline is not None:
             left = min(left if left is not None else float("inf"), stop.deadline - time.time())
         guess = cp.remote.last_upload_seconds
@@ -138,7 +138,7 @@ class Ending:
             self._close_log()
             self._release()
             self._stop_lines()
-        if clean and self.stop is not None and self.rank == 0 and want_requeue(self.requeue):
+        if clean and self.stop is not None and self.rank == 0 and want_requeue(self._stopping.requeue):
             slurm.requeue()  # only now: the checkpoint is durable and every rank is past its last collective
         if clean and self.exit_code is not None and self.handler is not None:
             self._end_on_late_signals()

@@ -44,189 +44,81 @@ import torch.distributed as dist
 
 from preemptible import faults
 from preemptible.checkpoint.writer import Checkpointer
+from preemptible.checks import path as check_path
 from preemptible.distributed.env import barrier, broadcast_object, is_distributed
-from preemptible.checks import boolean, path as check_path, seconds
-from preemptible.errors import ConfigError
+from preemptible.errors import ConfigError, first_line, in_part
+from preemptible.names import CHECKPOINTS
 from preemptible.observe.lifecycle import LIFECYCLE, attach as show_lifecycle
-from preemptible.run.feed import Feed, stateful
 from preemptible.observe.metrics import METRICS, PROGRESS, Metrics, unclean_end
-from preemptible.stopping.notices import Notices
+from preemptible.observe.report import Report
 from preemptible.observe.trackers import TrackerFeed
-from preemptible.ownership.lease import RunLease
+from preemptible.ownership.lease import Ownership, RunLease
 from preemptible.run.ending import Ending
-from preemptible.run.parts import (Progress, RankState, check_meta, check_optimizer, check_state, is_handler,
-                                   process_start_time)
-from preemptible.stopping.decision import Stop, agreed_stop, end_time, want_requeue
+from preemptible.run.feed import Feed
+from preemptible.run.parts import Progress, RankState, check_training_objects, part, process_start_time, refuse_moved
 from preemptible.run.state import ModelOptimState, PlainValues, params_sha256, state_nbytes
+from preemptible.stopping.decision import Stop, agreed_stop, end_time
+from preemptible.stopping.options import Stopping
 from preemptible.stopping.vote import NOTICE, Deadline
 
 log = logging.getLogger("preemptible.run")
 
-DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 SAVE_OVERHEAD = 0.5  # seconds a save costs beyond writing its bytes (collectives, metadata, the commit)
 DEFAULT_WRITE_SPEED = 100e6  # bytes/s assumed where the write-speed probe at start could not run
-_UNSET = object()
-
-
-def renamed(error: ConfigError, names: dict[str, str]) -> ConfigError:
-    """The same error with argument names (`interval=`) replaced by the caller's (`checkpoint.interval=`)."""
-    if not names:
-        return error
-    pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")=")
-    new = type(error)(pattern.sub(lambda m: names[m.group(1)] + "=", str(error)))
-    new.__cause__ = error.__cause__
-    return new
 
 
 class Run(Ending):
-    """A training run that survives preemption: see the module docstring, and the README's
-    "The library" section for every argument.
+    """A training run that survives preemption: see the module docstring and docs/api.md.
 
-    dir:          the run directory (created if missing; one run owns it at a time).
+    dir:        the run directory (created if missing; one run owns it at a time).
     model, optimizer, scheduler: saved and restored (model alone is fine; optimizer needs model).
-    data:         an iterable with state_dict/load_state_dict (torchdata's StatefulDataLoader, as is),
-                  saved per rank; `batches()` iterates it, epoch after epoch (calling
-                  `sampler.set_epoch` where the sampler has it).
-    state:        {name: object with state_dict/load_state_dict} saved too (GradScaler, EMA model, ...).
-    values:       {name: plain value} saved and restored in `run.values` (a best validation loss, ...).
-    max_steps:    `batches()` ends after this many steps (None: when the data ends, or on a stop).
-    interval, keep, resume, async_save, verify, keep_abandoned, checkpoint_dir: checkpointing
-                  (see `Checkpointer`); or pass a ready `checkpointer=`.
-    signals:      what stops the run (default TERM, INT, HUP; None: no signal handling); or pass a
-                  ready `handler=` (a DistributedSignalHandler).
-    check_every, max_latency: how often ranks agree on the stop ('auto': a stop within max_latency s).
-    stop_check:   'reduce' (default), 'gradients' (rides on DDP's all-reduce), 'all_gather'.
-    max_time:     seconds from the start after which the run stops with a checkpoint; with
-    slurm_time_limit (default True) the SLURM job's end time counts too.
-    grace_period: seconds from the first signal to SIGKILL; a stop's save that would not fit is skipped.
-    notices:      preemption notices that are not signals (`preemptible.Notices`: a cloud's spot notice,
-                  a stop file), voted like a signal; default Notices(): `touch <dir>/STOP` stops the run.
-                  None: off. A notice's deadline, when it names one, decides whether the save still fits.
-    save_guess:   seconds a save is assumed to take until one was timed (None, the default: estimated
-                  from the state's bytes and the write speed measured at start; `save_estimate()`).
-    margin:       seconds kept in hand beyond a step and a save before a time limit.
-    requeue:      'auto' (under SLURM, when the job allows it), True or False: rank 0 requeues the
-                  job after a stop's checkpoint is committed.
-    tracker:      an experiment tracker (`preemptible.trackers.TensorBoard`, `WandB`, `MLflow`) or a list of
-                  them, fed by rank 0: one tracker run across stops and resumes, each step once.
-    exit_code_on_stop: the exit status after a stop (None: 128 + signal number, 124 for a time limit,
-                  75 for a notice).
-    log_every:    losses are read from the device and printed every N steps.
-    log_file:     a file name in `dir` that gets this process's log records while the run owns it.
-    lease_wait, stale_after: a second run on the directory waits this long for the owner, and an
-                  owner on another host whose lease went unrenewed for stale_after s counts as dead.
-    param_digests: 'done' (default: the done event carries the parameters' SHA-256), True (every
-                  event), False (none).
-    meta:         plain data stored in every commit marker (the recipe stores its configuration).
-    seed:         reseeds the RNGs after a resume on another world size (their streams cannot continue).
+    data:       an iterable with state_dict/load_state_dict (torchdata's StatefulDataLoader, as is),
+                saved per rank, or a plain iterable (`preemptible.DataSource` says what is used);
+                `batches()` iterates it, epoch after epoch (calling `sampler.set_epoch` where it exists).
+    state:      {name: object with state_dict/load_state_dict} saved too (GradScaler, EMA model, ...).
+    values:     {name: plain value} saved and restored in `run.values` (a best validation loss, ...).
+    max_steps:  `batches()` ends after this many steps (None: when the data ends, or on a stop).
+    seed:       reseeds the RNGs after a resume on another world size (their streams cannot continue).
+
+    The parts, each checked when it is made and owning its defaults (None: the part's defaults):
+    checkpoint: `Checkpointer(interval=, keep=, resume=, dir=, async_save=, verify=, meta=, ...)`.
+    stopping:   `Stopping(signals=, notices=, max_time=, grace_period=, requeue=, exit_code_on_stop=, ...)`.
+    ownership:  `Ownership(wait=, stale_after=)`: one run per directory.
+    tracker:    an experiment tracker (`preemptible.trackers.TensorBoard`, `WandB`, `MLflow`) or a list
+                of them, fed by rank 0: one tracker run across stops and resumes, each step once.
+    report:     `Report(log_every=, log_file=, param_digests=)`: what the run says while it trains.
     """
 
     def __init__(self, dir: Any, *, model: Optional[torch.nn.Module] = None, optimizer: Any = None,
                  scheduler: Any = None, data: Any = None, state: Optional[dict[str, Any]] = None,
-                 values: Optional[dict[str, Any]] = None, max_steps: Optional[int] = None,
-                 interval: int = 100, keep: int = 2, resume: str = "auto", async_save: bool = False,
-                 verify: bool = True, keep_abandoned: bool = True, checkpoint_dir: Optional[str] = None,
-                 checkpointer: Optional[Checkpointer] = None, signals: Any = DEFAULT_SIGNALS, handler: Any = _UNSET,
-                 check_every: Any = "auto", max_latency: float = 1.0, stop_check: str = "reduce",
-                 max_time: Optional[float] = None, slurm_time_limit: bool = True, grace_period: Optional[float] = None,
-                 notices: Any = _UNSET, tracker: Any = None,
-                 save_guess: Optional[float] = None, margin: float = 5.0, requeue: Any = "auto",
-                 exit_code_on_stop: Optional[int] = None, log_every: int = 10, log_file: Optional[str] = None,
-                 lease_wait: float = 120.0, stale_after: float = 30.0, param_digests: Any = "done",
-                 meta: Optional[dict[str, Any]] = None, seed: int = 0):
-        if not isinstance(dir, (str, os.PathLike)) or not str(dir):
-            raise ConfigError(f"dir={dir!r}; expected the run directory's path")
+                 values: Optional[dict[str, Any]] = None, max_steps: Optional[int] = None, seed: int = 0,
+                 checkpoint: Optional[Checkpointer] = None, stopping: Optional[Stopping] = None,
+                 ownership: Optional[Ownership] = None, tracker: Any = None, report: Optional[Report] = None,
+                 **moved: Any):
+        refuse_moved(moved)
+        check_path("dir", dir)
         self.dir = Path(dir)
-        if optimizer is not None and model is None:
-            raise ConfigError("optimizer= needs model= too (the optimizer's state is keyed by the model's parameters)")
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise ConfigError(f"model={type(model).__name__}; expected a torch.nn.Module")
-        if scheduler is not None and not stateful(scheduler):
-            raise ConfigError(f"scheduler={type(scheduler).__name__} has no state_dict()/load_state_dict(); pass a "
-                              "torch.optim.lr_scheduler object")
-        feed = Feed(data)  # checks data=
-        state = dict(state or {})
-        check_state(state)
-        if values is not None and not isinstance(values, dict):
-            raise ConfigError(f"values={values!r}; expected a dict of plain values")
-        check_meta(meta)
-        check_optimizer(optimizer, model)
-        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
-            raise ConfigError(f"max_steps={max_steps!r}; expected an int >= 0 or None")
-        if stop_check not in ("reduce", "gradients", "all_gather"):
-            raise ConfigError(f"stop_check={stop_check!r}; expected reduce, gradients or all_gather")
-        if exit_code_on_stop is not None and (isinstance(exit_code_on_stop, bool) or not isinstance(exit_code_on_stop, int)
-                                              or not 0 <= exit_code_on_stop <= 255):
-            raise ConfigError(f"exit_code_on_stop={exit_code_on_stop!r}; expected an int from 0 to 255 or None")
-        seconds("grace_period", grace_period, strict=True, none_ok=True)
-        boolean("slurm_time_limit", slurm_time_limit)
-        check_path("checkpoint_dir", checkpoint_dir, none_ok=True)
-        if checkpointer is not None and not isinstance(checkpointer, Checkpointer):
-            raise ConfigError(f"checkpointer={type(checkpointer).__name__}; expected a preemptible.checkpoint."
-                              "Checkpointer (or None: one built from interval=, keep=, ...)")
-        if handler is not _UNSET and handler is not None and not is_handler(handler):
-            raise ConfigError(f"handler={type(handler).__name__}; expected a preemptible.DistributedSignalHandler "
-                              "(or None: no signal handling)")
-        if stop_check == "gradients" and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        check_training_objects(model, optimizer, scheduler, state, values, max_steps, seed)
+        self.feed = Feed(data)  # checks data=
+        self.checkpointer = part("checkpoint", checkpoint, Checkpointer)
+        self._stopping = part("stopping", stopping, Stopping)
+        self.ownership = part("ownership", ownership, Ownership)
+        self.report = part("report", report, Report)
+        self.handler, self.notices = self._stopping.handler, self._stopping.notices
+        if self._stopping.stop_check == "gradients" and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ConfigError("stop_check=gradients needs a DDP model with more than one rank; use reduce")
-        if param_digests not in ("done", True, False):
-            raise ConfigError(f"param_digests={param_digests!r}; expected 'done', True or False")
-        if log_file is not None and (not isinstance(log_file, str) or not log_file or os.sep in log_file):
-            raise ConfigError(f"log_file={log_file!r}; expected a file name (it is written inside dir)")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"seed={seed!r}; expected an int")
-        try:
-            RunLease(self.dir, wait=lease_wait, stale_after=stale_after)  # its own checks, now (touches nothing)
-        except ConfigError as e:
-            raise renamed(e, {"wait": "lease_wait"}) from None
-        want_requeue(requeue)  # validated now, not at the stop
-        if checkpointer is None:
-            try:
-                checkpointer = Checkpointer(dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
-                                            interval=interval, keep=keep, resume=str(resume), async_save=async_save,
-                                            verify=verify, keep_abandoned=keep_abandoned)
-            except ConfigError as e:
-                raise renamed(e, {"dir": "checkpoint_dir"}) from None
-        if handler is _UNSET:
-            handler = None
-            if signals is not None:
-                from preemptible.stopping.signal_handler import DistributedSignalHandler
-
-                try:
-                    handler = DistributedSignalHandler(signals, group="cpu", check_every=check_every,
-                                                       max_latency=max_latency)
-                except ValueError as e:
-                    raise ConfigError(f"signals={signals!r}: {e}") from None
-        if notices is _UNSET:
-            notices = Notices() if handler is not None else None
-        elif notices is not None and not isinstance(notices, Notices):
-            raise ConfigError(f"notices={notices!r}; expected a preemptible.Notices or None")
-        elif notices is not None and handler is None:
-            if notices.cloud or notices.extra:
-                raise ConfigError(f"notices={notices!r} need signal handling to agree on the stop step; pass "
-                                  "signals= (not None), or notices=None")
-            notices = None  # only the stop file: off with the rest of the stop handling
-        self.notices: Optional[Notices] = notices
         trackers = [] if tracker is None else list(tracker) if isinstance(tracker, (list, tuple)) else [tracker]
         self._feed = TrackerFeed(trackers)  # validates on every rank; fed on rank 0 only
-        seconds("save_guess", save_guess, none_ok=True)
-        self.save_guess = save_guess
-        self.deadline = Deadline(end_time(max_time, slurm_time_limit), margin)
-        if self.deadline.end is not None and handler is None:
+        self.deadline = Deadline(end_time(self._stopping.max_time, self._stopping.slurm_time_limit), self._stopping.margin)
+        if self.deadline.end is not None and self.handler is None:
             raise ConfigError("max_time and SLURM time limits need signal handling to agree on the stop step; "
                               "pass signals= (not None), or max_time=None and slurm_time_limit=False")
 
         self.model, self.optimizer, self.scheduler, self.data = model, optimizer, scheduler, data
-        self.feed = feed
-        self.extra = state
+        self.extra = dict(state or {})
         self.values: dict[str, Any] = PlainValues()
         self.values.update(values or {})
-        self.max_steps = max_steps
-        self.checkpointer, self.handler = checkpointer, handler
-        self.stop_check, self.grace_period, self.requeue = stop_check, grace_period, requeue
-        self.exit_code_on_stop, self.log_every, self.log_file_name = exit_code_on_stop, log_every, log_file
-        self.lease_wait, self.stale_after = lease_wait, stale_after
-        self.param_digests, self.meta, self.seed = param_digests, dict(meta or {}), seed
+        self.max_steps, self.seed = max_steps, seed
         self.before_resume: Any = None  # (marker dict, path) -> None: may refuse a resume (raise ConfigError)
         self.after_resume: Any = None   # (marker dict, path) -> None: e.g. apply changed hyperparameters
 
@@ -254,10 +146,6 @@ class Run(Ending):
         self._killed_at: Optional[int] = None
         self._detach_lines: Any = None
         self._bytes_final = False
-        try:
-            Metrics(str(self.dir), enabled=False, max_steps=0, log_every=log_every)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
 
     # -- entering: own, install, resume ---------------------------------------------------------
 
@@ -282,12 +170,14 @@ class Run(Ending):
         self._detach_lines = show_lifecycle(self.rank)
         try:
             self._own()
-            self.checkpointer.setup(str(self.dir), self.rank)
+            try:
+                self.checkpointer.setup(str(self.dir), self.rank)
+            except ConfigError as e:
+                raise in_part("checkpoint", e)
             self.checkpointer.owner_check = self._leases[0].check if self._leases else None
-            self.checkpointer.meta = {**self.meta}
             self._killed_at = unclean_end(self.dir) if self.rank == 0 else None  # before this run writes
             self.metrics = Metrics(str(self.dir), enabled=self.rank == 0, max_steps=self.max_steps or 0,
-                                   log_every=self.log_every)
+                                   log_every=self.report.log_every)
             self._dcp = self._state_for_dcp()
             self._check = self._stop_check()
             if self.handler is not None:
@@ -305,7 +195,7 @@ class Run(Ending):
             self._record_kill()  # a kill with nothing to resume from (no checkpoint yet)
             self.metrics.sinks.remove(early_rows.extend)
             if self.rank == 0 and self._feed.trackers:
-                self._feed.start(self.dir, self.step if self.resumed_from else None, self.meta.get("config"),
+                self._feed.start(self.dir, self.step if self.resumed_from else None, self.checkpointer.meta.get("config"),
                                  early_rows)
                 self.metrics.sinks.append(self._feed.add)
             self.feed.mark_boundary()
@@ -332,32 +222,32 @@ class Run(Ending):
                 d = d.parent
             for i, d in enumerate(dirs):
                 try:
-                    self._leases.append(RunLease(d, wait=self.lease_wait, stale_after=self.stale_after).acquire())
+                    self._leases.append(RunLease(d, wait=self.ownership.wait, stale_after=self.ownership.stale_after).acquire())
                 except ConfigError as e:
-                    error = ConfigError(f"checkpoint_dir={str(d)!r}: {e}") if i else e
+                    error = in_part("checkpoint", ConfigError(f"dir={str(d)!r}: {e}")) if i else e
                     break
             if error is None and cp.remote is not None:
-                from preemptible.checkpoint.remote import RemoteLease
+                from preemptible.ownership.remote_lease import RemoteLease
 
                 try:
-                    lease = RemoteLease(cp.remote, wait=self.lease_wait, stale_after=self.stale_after).acquire()
+                    lease = RemoteLease(cp.remote, wait=self.ownership.wait, stale_after=self.ownership.stale_after).acquire()
                     self._leases.append(lease)
                     cp.remote_owner_check = lease.check
                 except ConfigError as e:
-                    error = renamed(e, {"dir": "checkpoint_dir"})
+                    error = in_part("checkpoint", e)
                 except Exception as e:  # noqa: BLE001 -- the store cannot be reached: one line, before any work
-                    error = ConfigError(f"checkpoint_dir={cp.remote.url!r} cannot be reached ({type(e).__name__}: "
-                                        f"{str(e).splitlines()[0] if str(e) else ''}); check AWS_ENDPOINT_URL and "
-                                        "the credentials")
+                    error = in_part("checkpoint", ConfigError(
+                        f"dir={cp.remote.url!r} cannot be reached ({type(e).__name__}: {first_line(e)}); check "
+                        "AWS_ENDPOINT_URL and the credentials"))
             if error is None and self.notices is not None:
                 self.notices.clear_stop_file(self.dir)  # before any node polls for it
         error = broadcast_object(error)
         if error is not None:
             raise error
         barrier()  # the directory exists for every rank
-        if self.log_file_name:
+        if self.report.log_file:
             root = logging.getLogger()
-            self._log_handler = logging.FileHandler(self.dir / self.log_file_name)
+            self._log_handler = logging.FileHandler(self.dir / self.report.log_file)
             self._log_handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
             root.addHandler(self._log_handler)
 
@@ -382,10 +272,10 @@ class Run(Ending):
             h.remove()
         self._release()
         if self.rank == 0 and self._created:
-            for name in (self.log_file_name, METRICS, PROGRESS):
+            for name in (self.report.log_file, METRICS, PROGRESS):
                 if name:
                     (self.dir / name).unlink(missing_ok=True)
-            for d in [self.dir / "checkpoints", *self._created]:
+            for d in [self.dir / CHECKPOINTS, *self._created]:
                 try:
                     d.rmdir()  # only if empty: anything else put there stays
                 except OSError:
@@ -405,17 +295,20 @@ class Run(Ending):
         self._check_between = lambda: False
         if handler is None:
             return lambda: False
-        self._check_between = lambda: handler.should_stop(every_call=True) if self.stop_check == "reduce" \
+        self._check_between = lambda: handler.should_stop(every_call=True) if self._stopping.stop_check == "reduce" \
             else any(handler.signals_received())
-        if self.stop_check == "gradients":  # a DDP model: checked when the Run was built
+        if self._stopping.stop_check == "gradients":  # a DDP model: checked when the Run was built
             handler.ride_on_gradients(self.model)
-        if self.stop_check == "all_gather":
+        if self._stopping.stop_check == "all_gather":
             return lambda: any(handler.signals_received())
         return handler.should_stop
 
     def _resume(self) -> None:
         cp = self.checkpointer
-        resume = cp.resume_path()
+        try:
+            resume = cp.resume_path()
+        except ConfigError as e:
+            raise in_part("checkpoint", e)
         if resume.path is None:
             return
         marker = cp.marker(resume.path)
@@ -464,7 +357,7 @@ class Run(Ending):
         writer = marker.get("run_dir")
         if isinstance(writer, str) and writer != str(self.dir.absolute()):
             log.warning("resumed a checkpoint written by the run in %s, not this one (%s): another run's "
-                        "checkpoint directory, or this one moved; to start fresh, use a checkpoint_dir of its own",
+                        "checkpoint directory, or this one moved; to start fresh, give it a checkpoint directory of its own (checkpoint.dir=)",
                         writer, self.dir.absolute())
         if self.data is not None and not self.feed.saves_position:
             log.warning("data=%s has no state_dict(): it starts again from its beginning; exact only if its only "
@@ -557,7 +450,7 @@ class Run(Ending):
         seconds = self._save_seconds()
         if cp.last_save_seconds is not None:
             return seconds, "the last save took that long"
-        if self.save_guess is not None:
+        if self._stopping.save_guess is not None:
             return seconds, "save_guess"
         speed = cp.write_bytes_per_s or DEFAULT_WRITE_SPEED
         return seconds, (f"no save timed yet: {self._state_bytes / 2**20:.1f} MiB at the {speed / 2**20:.0f} MiB/s "
@@ -568,8 +461,8 @@ class Run(Ending):
         cp = self.checkpointer
         if cp.last_save_seconds is not None:
             return cp.last_save_seconds
-        if self.save_guess is not None:
-            return float(self.save_guess)
+        if self._stopping.save_guess is not None:
+            return float(self._stopping.save_guess)
         if self._state_bytes is None or not self._bytes_final:  # final once the optimizer holds its state
             self._state_bytes = state_nbytes(self.model, self.optimizer)
             self._bytes_final = self.optimizer is None or bool(self.optimizer.state)
@@ -604,7 +497,7 @@ class Run(Ending):
             raise RuntimeError(f"Run.{what}() is used inside `with run:` (or between run.start() and run.exit())")
 
     def _digest(self, always: bool = False) -> Optional[str]:
-        if self.model is None or not (always or self.param_digests is True):
+        if self.model is None or not (always or self.report.param_digests is True):
             return None
         sharded = any(hasattr(p, "full_tensor") for p in self.model.parameters())
         return params_sha256(self.model) if self.rank == 0 or sharded else None

@@ -8,20 +8,62 @@ import os
 import time
 from typing import Any, Optional
 
+from preemptible.checks import number
 from preemptible.errors import ConfigError
 from preemptible.run.feed import stateful
 from preemptible.run.state import check_plain, from_blob, set_rng_state, to_blob
 
-# What a commit marker holds of its own; meta= cannot replace these.
-MARKER_KEYS = ("format", "step", "world_size", "time", "files", "lineage", "line", "parent", "run_dir",
-               "marker_crc32c")
 RESERVED = ("model_optim", "model", "lr_schedule", "progress")  # state= names a checkpoint uses itself
 
 
-def is_handler(obj: Any) -> bool:
-    """What Run uses of a handler (DistributedSignalHandler's interface)."""
-    return all(callable(getattr(obj, name, None)) for name in
-               ("__enter__", "release", "should_stop", "request_stop", "signals_received", "signals_by_rank"))
+# Run's arguments that became parts: where each one lives now.
+MOVED = {**{k: f"checkpoint=Checkpointer({k}=...)" for k in ("interval", "keep", "resume", "async_save", "verify",
+                                                            "keep_abandoned", "meta")},
+         "checkpoint_dir": "checkpoint=Checkpointer(dir=...)", "checkpointer": "checkpoint=",
+         **{k: f"stopping=Stopping({k}=...)" for k in ("signals", "notices", "check_every", "max_latency", "stop_check",
+                                                       "max_time", "slurm_time_limit", "grace_period", "save_guess",
+                                                       "margin", "requeue", "exit_code_on_stop")},
+         "handler": "stopping=Stopping(signals=<the handler>)",
+         "lease_wait": "ownership=Ownership(wait=...)", "stale_after": "ownership=Ownership(stale_after=...)",
+         **{k: f"report=Report({k}=...)" for k in ("log_every", "log_file", "param_digests")}}
+
+
+def refuse_moved(moved: dict[str, Any]) -> None:
+    for name in moved:
+        if name in MOVED:
+            raise ConfigError(f"Run({name}=...) moved to a part of Run: pass {MOVED[name]} "
+                              "(from preemptible import Checkpointer, Stopping, Ownership, Report)")
+        raise ConfigError(f"Run() got an unknown argument {name}=; see help(preemptible.Run)")
+
+
+def part(name: str, value: Any, kind: type) -> Any:
+    """A part of Run as given (checked when it was made), or one with its defaults."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise ConfigError(f"{name}={type(value).__name__}; expected a preemptible.{kind.__name__} (or None: "
+                          "its defaults)")
+    return value
+
+
+def check_training_objects(model: Any, optimizer: Any, scheduler: Any, state: Any, values: Any, max_steps: Any,
+                           seed: Any) -> None:
+    import torch
+
+    if optimizer is not None and model is None:
+        raise ConfigError("optimizer= needs model= too (the optimizer's state is keyed by the model's parameters)")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model={type(model).__name__}; expected a torch.nn.Module")
+    if scheduler is not None and not stateful(scheduler):
+        raise ConfigError(f"scheduler={type(scheduler).__name__} has no state_dict()/load_state_dict(); pass a "
+                          "torch.optim.lr_scheduler object")
+    check_state(dict(state or {}))
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"values={values!r}; expected a dict of plain values")
+    check_optimizer(optimizer, model)
+    number("max_steps", max_steps, integer=True, none_ok=True)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed={seed!r}; expected an int")
 
 
 class Progress:
@@ -73,22 +115,6 @@ def check_state(state: dict[str, Any]) -> None:
         if not stateful(obj):
             raise ConfigError(f"state[{name!r}]={type(obj).__name__} has no state_dict()/load_state_dict(); "
                               "pass plain values in values= instead")
-
-
-def check_meta(meta: Any) -> None:
-    """meta= goes into every commit marker (JSON): plain JSON data, under keys of its own."""
-    if meta is None:
-        return
-    if not isinstance(meta, dict):
-        raise ConfigError(f"meta={meta!r}; expected a dict of JSON data (str keys) or None")
-    for key, value in meta.items():
-        if not isinstance(key, str) or key in MARKER_KEYS:
-            raise ConfigError(f"meta key {key!r}: expected a str other than {', '.join(MARKER_KEYS)}")
-        try:
-            json.dumps(value, allow_nan=True)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"meta[{key!r}] is not JSON data ({e}); store str, numbers, bools, None, lists "
-                              "and dicts (x.isoformat() for a datetime, x.tolist() for a tensor)") from None
 
 
 def check_optimizer(optimizer: Any, model: Any) -> None:

@@ -17,7 +17,9 @@ import threading
 import time
 from typing import Any
 
-HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+from preemptible.stopping.signals import JOB_ENDING
+
+HELD_SIGNALS = JOB_ENDING
 
 _held: list[tuple[int, float]] = []
 _previous: dict[int, Any] = {}

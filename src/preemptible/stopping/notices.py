@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from preemptible.checks import seconds
 from preemptible.errors import ConfigError
+from preemptible.names import STOP_FILE
 
 log = logging.getLogger("preemptible.notices")  # the name users filter on (stable across moves)
 
@@ -285,7 +286,7 @@ class Notices:
     """
 
     def __init__(self, cloud: Optional[str] = None, endpoint: Optional[str] = None, poll_seconds: float = 5.0,
-                 stop_file: Optional[str] = "STOP", timeout: float = 2.0, sources: Sequence[Any] = ()):
+                 stop_file: Optional[str] = STOP_FILE, timeout: float = 2.0, sources: Sequence[Any] = ()):
         if cloud is not None and cloud not in CLOUDS + ("auto",):
             raise ConfigError(f"cloud={cloud!r}; expected null (off), auto, aws, gcp or azure")
         if endpoint is not None:

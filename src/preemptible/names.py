@@ -1,0 +1,21 @@
+"""What a run directory holds, by name: each name is written here once and read from here.
+
+    <run dir>/
+      OWNER              the lease: which process owns the run (ownership)
+      STOP               `touch` it to stop the run with a checkpoint (notices' stop file)
+      metrics.jsonl      one row per step and per event, appended (observe.metrics)
+      progress.json      the last step reached, rewritten every step (a kill's step)
+      trackers.json      the experiment trackers' run ids, one tracker run across resumes
+      checkpoints/       step_NNNNNNNN/ (each committed by its COMMITTED marker), `latest`
+                         (the head), abandoned/ (newer checkpoints set aside after going back)
+"""
+
+CHECKPOINTS = "checkpoints"
+LEASE = "OWNER"
+STOP_FILE = "STOP"
+METRICS = "metrics.jsonl"
+PROGRESS = "progress.json"
+TRACKERS = "trackers.json"
+COMMIT = "COMMITTED"
+LATEST = "latest"
+ABANDONED = "abandoned"
