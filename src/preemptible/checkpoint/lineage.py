@@ -55,6 +55,9 @@ class Finding:
                     unreadable.append((path, str(e)))
         return on, off, unreadable
 
+    def _resolve(self, name: str) -> Path:
+        return Path(name) if os.path.isabs(name) else self.root / name
+
     def committed(self) -> list[Path]:
         """Structurally valid checkpoints directly under root (sizes checked, not checksums), newest first."""
         return [p for p in self._top_level() if why_invalid(p) is None]
@@ -228,3 +231,16 @@ class Finding:
                 return resume
         line = [s for s in marker["line"][:-1]] + [segment, [uuid.uuid4().hex[:12], None]]
         return Resume(path, line, branched=True)
+
+
+class Lineage(Finding):
+    """The same decision, read-only and without a writer: what a resume of `root` would take
+    (`python -m preemptible status|export` use it)."""
+
+    def __init__(self, root: Path, resume: str = "auto", verify: bool = True):
+        self.root, self.resume, self.verify = Path(root), resume, verify
+        self.line: list = [[uuid.uuid4().hex[:12], None]]
+        self.branched_from: Optional[str] = None
+
+    def decide(self) -> Resume:
+        return self._decide()

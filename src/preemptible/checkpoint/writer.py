@@ -217,9 +217,6 @@ class Checkpointer(Finding):
         except ValueError:
             return str(path)
 
-    def _resolve(self, name: str) -> Path:
-        return Path(name) if os.path.isabs(name) else self.root / name
-
     def wait_upload(self, timeout: Optional[float] = None) -> bool:
         """Rank 0 with a remote dir: True once every committed checkpoint is uploaded (or failed:
         see `uploader.error`) within `timeout` seconds; True at once elsewhere."""

@@ -15,10 +15,11 @@ from typing import Any, Optional
 
 import torch
 
-from preemptible.checkpoint.writer import COMMIT, LATEST, Checkpointer, in_line, read_marker, step_of, why_invalid
+from preemptible.checkpoint.layout import in_line, read_marker, step_of, why_invalid
+from preemptible.checkpoint.lineage import Lineage
 from preemptible.observe.metrics import read_metrics
 from preemptible.errors import ConfigError, UnsafeCheckpointError
-from preemptible.names import ABANDONED, CHECKPOINTS, LEASE, METRICS
+from preemptible.names import ABANDONED, CHECKPOINTS, COMMIT, LATEST, LEASE, METRICS
 
 MODEL_PREFIX = "model_optim.model."
 FORMATS = ("pt", "safetensors")
@@ -27,12 +28,6 @@ FORMATS = ("pt", "safetensors")
 def checkpoint_root(path: Path) -> Path:
     """A run directory's checkpoint directory (`<run>/checkpoints` if there), else `path` itself."""
     return path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-
-
-def _reader(root: Path, verify: bool) -> Checkpointer:
-    cp = Checkpointer(dir=str(root), verify=verify)
-    cp.root = root  # read-only use: no setup (which proves the directory writable)
-    return cp
 
 
 def find_checkpoint(path: Any, verify: bool = True) -> Path:
@@ -45,7 +40,7 @@ def find_checkpoint(path: Any, verify: bool = True) -> Path:
         return path
     if not path.is_dir():
         raise ConfigError(f"checkpoint={str(path)!r} does not exist; give a run directory or a checkpoint directory")
-    resume = _reader(checkpoint_root(path), verify)._decide()
+    resume = Lineage(checkpoint_root(path), verify=verify).decide()
     if resume.path is None:
         raise ConfigError(f"checkpoint={str(path)!r} holds no committed checkpoint")
     return resume.path
@@ -120,7 +115,7 @@ def status(run_dir: Any, verify: bool = False) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise ConfigError(f"run_dir={str(run_dir)!r} is not a directory")
     root = checkpoint_root(run_dir)
-    cp = _reader(root, verify)
+    cp = Lineage(root, verify=verify)
     try:
         head = cp.read_head()
     except ValueError as e:
