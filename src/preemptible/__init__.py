@@ -35,7 +35,7 @@ _WHERE = {
     "UnsafeCheckpointError": "preemptible.errors",
     # tools
     "export_weights": "preemptible.observe.export",
-    "load_model_weights": "preemptible.checkpoint.writer",
+    "load_model_weights": "preemptible.checkpoint.reader",
     "params_sha256": "preemptible.run.state",
     "read_history": "preemptible.observe.metrics",
     "read_metrics": "preemptible.observe.metrics",
@@ -57,7 +57,8 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see behind the lazy names
-    from preemptible.checkpoint.writer import Checkpointer, load_model_weights
+    from preemptible.checkpoint.reader import load_model_weights
+    from preemptible.checkpoint.writer import Checkpointer
     from preemptible.contracts import DataSource, NoticeSource, PositionedData, Tracker
     from preemptible.distributed.env import DistEnv, exit_run, init_distributed
     from preemptible.errors import CheckpointError, ConfigError, UnsafeCheckpointError

@@ -191,7 +191,9 @@ def test_second_signal_with_ignored_original_only_dumps():
 
 def test_get_device_backends(monkeypatch):
     # Mocks only for backends this machine lacks.
-    monkeypatch.setattr(sh, "_dist_ready", lambda: True)
+    from preemptible.distributed import collectives
+
+    monkeypatch.setattr(collectives, "_dist_ready", lambda: True)
     # the documented behaviour (NeMo Automodel's): nccl -> cuda[:local_rank], gloo -> cpu, else RuntimeError
     for backend, local_rank, expected in [("gloo", None, "cpu"), ("nccl", None, "cuda"), ("nccl", 3, "cuda:3")]:
         monkeypatch.setattr(sh.dist, "get_backend", lambda group=None, b=backend: b)

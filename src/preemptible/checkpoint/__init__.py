@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {"Checkpointer": "writer", "load_model_weights": "writer", "load_state": "writer"}
+_WHERE = {"Checkpointer": "writer", "load_model_weights": "reader", "load_state": "reader"}
 
 
 def __getattr__(name: str) -> Any:

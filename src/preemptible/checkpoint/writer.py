@@ -26,7 +26,6 @@ import os
 import shutil
 import time
 import uuid
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -38,25 +37,17 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from preemptible import faults, heartbeat
 from preemptible.distributed.env import barrier, is_distributed
-from preemptible.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from preemptible.errors import CheckpointError, ConfigError
 from preemptible.checkpoint.remote import Remote, Uploader, is_remote
 from preemptible.checkpoint.layout import (ABANDONED, check_meta, COMMIT, FORMAT, LATEST, in_line, marker_checksum,  # noqa: F401
                                            read_marker, step_of, why_invalid)  # (this module's face: re-exported)
 from preemptible.checkpoint.lineage import Finding, Resume  # noqa: F401 -- Resume: part of this module's face
-from preemptible.checkpoint.safe_load import SafePlanner, SafeReader
+from preemptible.checkpoint.reader import _quiet_single_process, describe_failure, load_model_weights, load_state  # noqa: F401,E501
 from preemptible.checks import boolean, number
 from preemptible.checkpoint.storage import SUMS_PREFIX, file_writer, fsync_path, write_atomic
 from preemptible.names import CHECKPOINTS
 
 log = logging.getLogger("preemptible.checkpoint")  # the name users filter on (stable across moves)
-
-@contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    # DCP warns on every single-process save/load; single process is a supported mode here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
 
 @contextmanager
 def _zip_crc32(enabled: bool) -> Iterator[None]:
@@ -85,15 +76,6 @@ def _write_speed(probe: Path, durable: bool) -> float:
     finally:
         probe.unlink(missing_ok=True)
     return PROBE_BYTES / max(time.perf_counter() - started, 1e-4)
-
-
-def describe_failure(e: BaseException) -> str:
-    """One line for a DCP failure: the first failing rank's own exception, not DCP's wrapper."""
-    failures = getattr(e, "failures", None)
-    if failures:
-        rank, (exc, _) = sorted(failures.items(), key=lambda kv: kv[0])[0]
-        return f"{type(exc).__name__} on rank {rank}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
 class Checkpointer(Finding):
@@ -268,11 +250,6 @@ class Checkpointer(Finding):
 
     marker = staticmethod(read_marker)
 
-    @staticmethod
-    def world_size_of(path: Path) -> int:
-        """How many ranks wrote a committed checkpoint (from its commit marker)."""
-        return int(read_marker(path).get("world_size", 1))
-
     def load(self, path: Path, state: dict[str, Any]) -> None:
         faults.inject("load")
         load_state(path, state, what=f"checkpoint {str(path)!r}")
@@ -439,47 +416,3 @@ class Checkpointer(Finding):
             if stale != newest.with_name(newest.name + ".partial"):
                 shutil.rmtree(stale, ignore_errors=True)
         log.debug("checkpoint: committed %s", newest)
-
-
-def load_state(path: Path, state: dict[str, Any], what: str) -> None:
-    """DCP load through the safe reader and planner; ConfigError naming `what` on any failure."""
-    try:
-        listed = read_marker(path)["files"] if (Path(path) / COMMIT).exists() else None
-    except ValueError as e:
-        raise ConfigError(f"{what} is not a valid checkpoint: {e}") from None
-    reader = SafeReader(str(path), listed)
-    try:
-        with _quiet_single_process():
-            dcp.load(state, storage_reader=reader, planner=SafePlanner())
-    except UnsafeCheckpointError as e:
-        raise UnsafeCheckpointError(f"{what}: {e}") from None
-    except (Exception, CheckpointException) as e:  # shape/key mismatches surface here, wrapped by DCP
-        unsafe = [exc for exc, _ in getattr(e, "failures", {}).values() if isinstance(exc, UnsafeCheckpointError)]
-        if reader.unsafe is not None or unsafe:
-            raise UnsafeCheckpointError(f"{what}: {reader.unsafe or unsafe[0]}") from None
-        raise ConfigError(f"{what} does not fit this model/run: {describe_failure(e)}") from None
-
-
-def load_model_weights(model: Any, path: str, verify: bool = True, name: str = "path") -> None:
-    """Weights from one of our checkpoint directories or a torch.save'd state dict into `model`
-    (read with weights_only=True: neither can run code). Errors call `path` by `name`."""
-    p = Path(path)
-    if p.is_dir():
-        why = why_invalid(p, verify=verify)
-        if why:
-            raise ConfigError(f"{name}={path!r} is not a valid checkpoint: {why}")
-        state = {"model_optim": {"model": model.state_dict()}}
-        load_state(p, state, what=f"{name}={path!r}")
-        model.load_state_dict(state["model_optim"]["model"])
-        return
-    if not p.is_file():
-        raise ConfigError(f"{name}={path!r} does not exist; give a checkpoint directory or a .pt state dict")
-    try:
-        weights = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise UnsafeCheckpointError(f"{name}={path!r} is not a plain state dict that loads without "
-                                    f"running code ({type(e).__name__}); it was not loaded") from None
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise ConfigError(f"{name}={path!r} does not fit the model: {str(e).splitlines()[0][:300]}") from None

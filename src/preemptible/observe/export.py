@@ -48,7 +48,7 @@ def find_checkpoint(path: Any, verify: bool = True) -> Path:
 
 def model_weights(checkpoint: Any, verify: bool = True) -> dict[str, torch.Tensor]:
     """The model's full (unsharded) weights from a committed checkpoint, on the CPU, by parameter name."""
-    from preemptible.checkpoint.writer import load_state
+    from preemptible.checkpoint.reader import load_state
     from preemptible.checkpoint.safe_load import read_metadata
 
     path = find_checkpoint(checkpoint, verify)

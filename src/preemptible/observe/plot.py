@@ -89,7 +89,25 @@ def plot_run(run_dir: Any, out: Optional[Any] = None, title: Optional[str] = Non
         ax2 = ax.twinx()
         ax2.plot(lr_steps, lr, color="tab:gray", lw=0.9, ls="--", label="lr")
         ax2.set_ylabel("learning rate")
-    top = max(loss) if loss else 1.0
+    _mark_stops_and_resumes(ax, history, run_dir, top=max(loss) if loss else 1.0)
+    done = [e for e in history.events if e["event"] == "done"]
+    ax.set_title(title or f"{run_dir.name}: {len(history.rows)} steps, "
+                 f"{sum(1 for e in history.events if e['event'] == 'preempted')} stops, "
+                 f"{sum(1 for e in history.events if e['event'] == 'resumed')} resumes"
+                 + (", done" if done else ""), fontsize=10)
+    handles, names = ax.get_legend_handles_labels()
+    if lr_steps:
+        h2, n2 = ax2.get_legend_handles_labels()
+        handles, names = handles + h2, names + n2
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def _mark_stops_and_resumes(ax: Any, history: History, run_dir: Path, top: float) -> None:
+    """Stops (with or without their save), kills with the steps computed again, and resumes."""
     labelled = set()
 
     def label(name):
@@ -119,17 +137,3 @@ def plot_run(run_dir: Any, out: Optional[Any] = None, title: Optional[str] = Non
         ax.axvline(it.resume_step, color="tab:green", ls="--", lw=1.1, label=label("resume"))
         lost = f"lost {it.lost_seconds:.1f}s" if it.lost_seconds is not None else ""
         note(it.resume_step, f"resume@{it.resume_step}" + (f"\n{lost}" if lost else ""), "tab:green", 1)
-    done = [e for e in history.events if e["event"] == "done"]
-    ax.set_title(title or f"{run_dir.name}: {len(history.rows)} steps, "
-                 f"{sum(1 for e in history.events if e['event'] == 'preempted')} stops, "
-                 f"{sum(1 for e in history.events if e['event'] == 'resumed')} resumes"
-                 + (", done" if done else ""), fontsize=10)
-    handles, names = ax.get_legend_handles_labels()
-    if lr_steps:
-        h2, n2 = ax2.get_legend_handles_labels()
-        handles, names = handles + h2, names + n2
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out

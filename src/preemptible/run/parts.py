@@ -3,7 +3,6 @@ run (`Progress`, the same on every rank; `RankState`, per rank), and the checks 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Optional

@@ -43,10 +43,6 @@ def _record(signum: int, frame: Any) -> None:
     _held.append((signum, time.time()))
 
 
-def holding() -> bool:
-    return bool(_previous)
-
-
 def take_held() -> list[tuple[int, float]]:
     """Stop holding: the original dispositions are back; returns what arrived meanwhile (signal, time)."""
     held = list(_held)

@@ -314,10 +314,6 @@ class Notices:
         return (f"Notices(cloud={self.cloud!r}, endpoint={self.endpoint!r}, poll_seconds={self.poll_seconds:g}, "
                 f"stop_file={self.stop_file!r})")
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.cloud or self.stop_file or self.extra)
-
     def stop_file_path(self, run_dir: Any) -> Optional[str]:
         if self.stop_file is None:
             return None

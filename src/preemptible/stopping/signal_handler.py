@@ -14,7 +14,6 @@ Differences from the implementations it is modelled on, each for a reported fail
 
 from __future__ import annotations
 
-import collections.abc
 import faulthandler
 import logging
 import os
@@ -24,7 +23,7 @@ import sys
 import threading
 import time
 import types
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,194 +33,10 @@ from preemptible.stopping.vote import DEADLINE, AgreedMax, GradientFlag, StepClo
 
 log = logging.getLogger("preemptible.signal_handler")  # the name users filter on (stable across moves)
 
-SignalLike = Union[int, str, signal.Signals]  # as NeMo Automodel's module names it
-SignalSpec = Any  # SignalLike or a sequence of them
-_ACCEPTED = "a signal.Signals, an int, a name such as 'SIGUSR2' or 'usr2', or a list of those"
-_UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
-# Not a request to stop: sent routinely for other reasons (a child exited, the terminal was resized,
-# urgent socket data, a stopped process continued), or a fault the process itself raised.
-_NOT_A_STOP = {getattr(signal, n): why for n, why in (
-    ("SIGCHLD", "every child process's exit sends it (DataLoader workers, subprocesses)"),
-    ("SIGWINCH", "a terminal resize sends it"), ("SIGURG", "urgent socket data sends it"),
-    ("SIGCONT", "it resumes a stopped process"), ("SIGSEGV", "it is a memory fault of this process"),
-    ("SIGBUS", "it is a memory fault of this process"), ("SIGFPE", "it is an arithmetic fault of this process"),
-    ("SIGILL", "it is an illegal instruction in this process")) if hasattr(signal, n)}
-_WORKING_BACKENDS = "'nccl' (CUDA tensors) and 'gloo' (CPU tensors)"
-
-
-def _dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-# ----------------------------------------------------------------------------- parsing signals
-
-
-def _one_signal(value: Any) -> signal.Signals:
-    try:
-        sig = resolve_signal(value)
-    except TypeError:
-        kind = "a bool" if isinstance(value, bool) else f"type {type(value).__name__}"
-        raise ValueError(f"signal {value!r} has {kind}; expected {_ACCEPTED}") from None
-    if sig in _UNCATCHABLE:
-        raise ValueError(f"{sig.name} cannot be caught by any process; choose a catchable signal such as SIGTERM or SIGUSR2")
-    if sig in _NOT_A_STOP:
-        raise ValueError(f"{sig.name} is not a stop request ({_NOT_A_STOP[sig]}); choose SIGTERM, SIGINT, SIGHUP, "
-                         "SIGUSR1 or SIGUSR2")
-    return sig
-
-
-def resolve_signal(sig: SignalLike) -> signal.Signals:
-    """One signal spec -> its `signal.Signals` member, as NeMo Automodel's `resolve_signal`: an int
-    (15), a member (signal.SIGTERM) or a case-insensitive name with or without SIG ('SIGTERM',
-    'usr2'). ValueError for an unknown name or number, TypeError for another type (bool too:
-    True would silently mean SIGHUP). Uncatchable signals resolve; a handler refuses them."""
-    if isinstance(sig, bool) or not isinstance(sig, (int, str, signal.Signals)):
-        raise TypeError(f"signal must be an int, str or signal.Signals, got {type(sig).__name__} ({sig!r})")
-    if isinstance(sig, signal.Signals):
-        return sig
-    if isinstance(sig, int):
-        try:
-            return signal.Signals(sig)
-        except ValueError:
-            raise ValueError(f"Invalid signal number: {sig} (not a signal on this system); expected {_ACCEPTED}") from None
-    name = sig.strip().upper()
-    if name.lstrip("-").isdigit():
-        return resolve_signal(int(name))
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    try:
-        return signal.Signals[name]
-    except KeyError:
-        raise ValueError(f"Unknown signal name: {sig!r}; expected {_ACCEPTED}") from None
-
-
-def parse_signals(sig: SignalSpec) -> tuple[signal.Signals, ...]:
-    """Normalise every accepted form to a tuple of distinct `signal.Signals` (or raise ValueError)."""
-    if isinstance(sig, (str, bytes, int, signal.Signals)):
-        items = [sig]
-    elif isinstance(sig, collections.abc.Iterable):
-        items = list(sig)
-        if not items:
-            raise ValueError(f"At least one signal must be provided (the list is empty); expected {_ACCEPTED}")
-    else:
-        items = [sig]
-    parsed = tuple(_one_signal(v) for v in items)
-    seen: set[int] = set()
-    for value, s in zip(items, parsed):
-        if s in seen:
-            raise ValueError(f"Duplicate signals provided: {[p.name for p in parsed]} ({value!r} is {s.name} again); "
-                             "list each signal once")
-        seen.add(s)
-    return parsed
-
-
-# ----------------------------------------------------------------------------- collectives
-
-
-def _backend_device(backend: str, local_rank: Optional[int]) -> torch.device:
-    # A multi-device backend string ("cpu:gloo,cuda:nccl") can reduce CPU tensors: prefer them.
-    parts = dict(p.split(":", 1) for p in backend.split(",") if ":" in p)
-    if parts.get("cpu") == "gloo" or backend == "gloo":
-        return torch.device("cpu")
-    if parts.get("cuda") == "nccl" or backend == "nccl":
-        return torch.device("cuda") if local_rank is None else torch.device(f"cuda:{local_rank}")
-    raise RuntimeError(
-        f"unsupported torch.distributed backend {backend!r}: preemptible works with {_WORKING_BACKENDS}"
-    )
-
-
-def get_device(local_rank: Optional[int] = None, *, group: Optional["dist.ProcessGroup"] = None) -> torch.device:
-    """Get the appropriate torch device based on the distributed backend.
-
-    `cuda:{local_rank}` (or `cuda`) for 'nccl', `cpu` for 'gloo', as `torch.distributed.get_backend()`
-    names the backend of `group` (extension; the default group when None). RuntimeError for any
-    other backend (a multi-device string such as 'cpu:gloo,cuda:nccl' included), naming it. `cpu`
-    when torch.distributed is not initialized (extension: nothing is communicated then).
-    """
-    if not _dist_ready():
-        return torch.device("cpu")
-    backend = str(dist.get_backend(group))
-    if backend == "nccl":
-        return torch.device("cuda") if local_rank is None else torch.device(f"cuda:{local_rank}")
-    if backend == "gloo":
-        return torch.device("cpu")
-    raise RuntimeError(f"unsupported torch.distributed backend {backend!r}: get_device() knows 'nccl' and 'gloo'")
-
-
-def _collective_device(local_rank: Optional[int] = None, group: Any = None) -> torch.device:
-    """Where this module's own collectives run: CPU tensors whenever the group's backend can
-    reduce them (gloo, or a multi-device backend with a gloo part), else the NCCL device."""
-    if not _dist_ready():
-        return torch.device("cpu")
-    return _backend_device(str(dist.get_backend(group)), local_rank)
-
-
-def _to_python(value: Any, like: Any) -> Any:
-    for kind in (bool, int, float):
-        if type(like) is kind:
-            return kind(value)
-    return value
-
-
-class GatherFuture(collections.abc.Sequence):
-    """What `all_gather_item(..., async_op=True)` returns: a sequence that waits before it is read.
-
-    `wait()` blocks until the collective finished and returns the list; indexing, iterating,
-    `len()` and `==` wait first, so the result can never be read early.
-    """
-
-    def __init__(self, work: Any, tensors: list[torch.Tensor], like: Any):
-        self._work, self._tensors, self._like = work, tensors, like
-        self._values: Optional[list] = None
-
-    def is_completed(self) -> bool:
-        return self._values is not None or self._work is None or self._work.is_completed()
-
-    def wait(self) -> list:
-        if self._values is None:
-            if self._work is not None:
-                self._work.wait()
-            self._values = [_to_python(t.item(), self._like) for t in self._tensors]
-        return self._values
-
-    def __getitem__(self, index):
-        return self.wait()[index]
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __eq__(self, other) -> bool:
-        return self.wait() == (list(other) if isinstance(other, collections.abc.Sequence) else other)
-
-    def __repr__(self) -> str:
-        return f"GatherFuture({self._values!r})" if self._values is not None else "GatherFuture(<pending>)"
-
-
-def all_gather_item(
-    item: Any,
-    dtype: torch.dtype,
-    group: Optional["dist.ProcessGroup"] = None,
-    async_op: bool = False,
-    local_rank: Optional[int] = None,
-) -> list[Any]:
-    """Perform an all_gather operation on a single Python object.
-
-    One element per rank of `group` (the global group by default), converted back to the
-    item's Python type (bools stay bools). `[item]` when torch.distributed is not initialized.
-    With `async_op=True` returns a `GatherFuture`: it waits for the collective before any
-    value is read.
-    """
-    if not _dist_ready():
-        return GatherFuture(None, [torch.tensor([item], dtype=dtype)], item) if async_op else [item]
-    device = _collective_device(local_rank, group)
-    mine = torch.tensor([item], dtype=dtype, device=device)
-    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    work = dist.all_gather(out, mine, group=group, async_op=async_op)
-    future = GatherFuture(work if async_op else None, out, item)
-    return future if async_op else future.wait()
-
-
-# ----------------------------------------------------------------------------- the handler
+from preemptible.stopping.signals import (SignalLike, SignalSpec, _ACCEPTED, parse_signals,  # noqa: F401
+                                          resolve_signal)
+from preemptible.distributed.collectives import (GatherFuture, _collective_device, _dist_ready,  # noqa: F401
+                                                 all_gather_item, get_device)
 
 
 def _resolve_group(spec: Any) -> Optional["dist.ProcessGroup"]:

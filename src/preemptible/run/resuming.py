@@ -1,0 +1,111 @@
+"""How a Run resumes: the checkpoint the lineage chose, loaded into the run's state; a kill found
+in the last run's record; a resume on another world size; what a resume cannot know, said once.
+A part of `Run` (a mixin), kept apart from the loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from preemptible.errors import ConfigError, in_part
+from preemptible.observe.lifecycle import LIFECYCLE
+from preemptible.run.parts import process_start_time
+
+log = logging.getLogger("preemptible.run")
+
+
+class Resuming:
+    """Mixed into `Run`: everything between finding the checkpoint and the first resumed step."""
+
+    def _resume(self) -> None:
+        cp = self.checkpointer
+        try:
+            resume = cp.resume_path()
+        except ConfigError as e:
+            raise in_part("checkpoint", e)
+        if resume.path is None:
+            return
+        marker = cp.marker(resume.path)
+        if self.before_resume is not None:
+            self.before_resume(marker, resume.path)
+        saved_world = int(marker.get("world_size", 1))
+        progress = self._dcp["progress"]
+        to_load = self._dcp if saved_world == self.world_size else {
+            k: v for k, v in self._dcp.items() if not k.startswith("rank")}
+        load_started = time.perf_counter()
+        cp.load(resume.path, to_load)
+        load_seconds = time.perf_counter() - load_started
+        if saved_world != self.world_size:
+            self._continue_on_new_world(progress.loaded, saved_world)
+        cp.last_committed_step = self.step
+        if self.after_resume is not None:
+            self.after_resume(marker, resume.path)
+        cp.adopt(resume, self.step)
+        self.resumed_from = resume.path
+        log.info("resumed from %s at step %d (written by %d rank(s), now %d; verified in %.2fs)", resume.path,
+                 self.step, saved_world, self.world_size, resume.verify_seconds, extra=LIFECYCLE)
+        self._resumed_step = self.step
+        self._say_what_a_resume_cannot_know(marker)
+        self._record_kill()
+        self.metrics.event("resumed", step=self.step, world_size=self.world_size, saved_world_size=saved_world,
+                           params_sha256=self._digest(), branched=resume.branched, skipped=resume.skipped,
+                           process_started=process_start_time(), entered=self._entered_at,
+                           verify_seconds=round(resume.verify_seconds, 4), load_seconds=round(load_seconds, 4),
+                           **{"from": str(resume.path)})
+
+    def _record_kill(self) -> None:
+        """The last run ended with no record (killed): say so, at the step it reached, with the steps
+        this run does again (from the resume step)."""
+        if self._killed_at is None:
+            return
+        reached, self._killed_at = max(self._killed_at, self.step), None
+        # At the step the run stands at (trackers take steps in order); `reached`: where the kill was.
+        self.metrics.event("killed", step=self.step, reached=reached, signal="killed", redone=reached - self.step)
+        log.warning("the last run ended without a stop (killed, or its machine lost) at step %d; %d step(s) are "
+                    "trained again from step %d", reached, reached - self.step, self.step, extra=LIFECYCLE)
+
+    def _say_what_a_resume_cannot_know(self, marker: dict[str, Any]) -> None:
+        """One warning each where a resume is legal but may not be what the user meant."""
+        if self.rank != 0:
+            return
+        writer = marker.get("run_dir")
+        if isinstance(writer, str) and writer != str(self.dir.absolute()):
+            log.warning("resumed a checkpoint written by the run in %s, not this one (%s): another run's "
+                        "checkpoint directory, or this one moved; to start fresh, give it a checkpoint directory of its own (checkpoint.dir=)",
+                        writer, self.dir.absolute())
+        if self.data is not None and not self.feed.saves_position:
+            log.warning("data=%s has no state_dict(): it starts again from its beginning; exact only if its only "
+                        "state is the RNG that Run restores (a batch function drawing from torch's RNG)",
+                        type(self.data).__name__)
+        if self.data is None:
+            log.warning("data= was not given: data the loop reads on its own starts from its beginning again (its "
+                        "position is not saved); pass the loader as data= (and iterate run.batches()) to resume it")
+
+    def _continue_on_new_world(self, loaded: dict[str, Any], saved_world: int) -> None:
+        """Per-rank RNG streams and data positions cannot carry over: reseed (seed, step, rank), and
+        continue the data where `data.resume_position` can, else restart its epoch."""
+        import random
+
+        self.feed.epoch = int(loaded.get("epoch") or 0)
+        position = loaded.get("position")
+        if self.data is not None and callable(getattr(self.data, "resume_position", None)) and position is not None:
+            self.data.resume_position(position, saved_world)
+            how = "the data continues at the same global position"
+        else:
+            how = f"the data starts epoch {self.feed.epoch} again (data has no resume_position())"
+        stream = self.seed * 1_000_003 + self.step * 1009 + self.rank
+        random.seed(stream)
+        torch.manual_seed(stream)
+        try:
+            import numpy as np
+
+            np.random.seed(stream % 2**32)
+        except ImportError:
+            pass
+        log.warning("world size changed (%d -> %d): model, optimizer, schedule and step are exact; %s; "
+                    "RNG streams are reseeded", saved_world, self.world_size, how)
+
+    # -- the loop ---------------------------------------------------------------------------------
