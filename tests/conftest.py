@@ -36,3 +36,15 @@ class _References:
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     return _References(tmp_path_factory)
+
+
+# Tiers by folder: everything past unit/ and multiprocess/ starts recipes, examples, torchrun, SLURM
+# or an S3 server, and is `slow` (`pytest -m "not slow"` is the fast tier).
+SLOW_FOLDERS = ("e2e", "faults", "s3", "slurm")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = item.path.parts
+        if "tests" in parts and parts[parts.index("tests") + 1] in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)

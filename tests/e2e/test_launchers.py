@@ -6,6 +6,9 @@ import time
 
 import pytest
 
+from pathlib import Path
+
+from preemptible.checkpoint.layout import why_invalid
 from recipe_helpers import events, losses, run, start, wait_for_step, worker_pids_by_rank
 
 pytestmark = pytest.mark.slow
@@ -40,6 +43,7 @@ def test_usr2_through_torchrun_signals_to_handle(tmp_path):
     code, log = _stop(proc)
     stop = events(tmp_path, "preempted")
     assert stop and stop[0]["signal"] == "SIGUSR2", log
+    assert set(stop[0]["ranks"]) == {"0", "1"} and why_invalid(Path(stop[0]["checkpoint"]), verify=True) is None, log
 
 
 def test_kubernetes_style_term_to_every_process_at_once(tmp_path):
@@ -53,7 +57,7 @@ def test_kubernetes_style_term_to_every_process_at_once(tmp_path):
     code, log = _stop(proc)
     assert "received again" not in log, log
     stop = events(tmp_path, "preempted")[0]
-    assert stop["checkpoint"] and set(stop["ranks"]) == {"0", "1"}
+    assert set(stop["ranks"]) == {"0", "1"} and why_invalid(Path(stop["checkpoint"]), verify=True) is None, log
 
 
 def test_grace_period_too_short_for_a_save_that_a_requeue_must_follow_skips_it_and_says_so(tmp_path):

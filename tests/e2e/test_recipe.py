@@ -7,7 +7,10 @@ import signal
 
 import pytest
 
+from pathlib import Path
+
 from distributed_helpers import free_port
+from preemptible.checkpoint.layout import why_invalid
 from conftest import REFERENCE_STEPS
 from recipe_helpers import run_many, events, head, interrupt_at, losses, run, start
 
@@ -58,7 +61,7 @@ def test_default_adaptive_check_agrees_on_a_step(tmp_path):
     assert {r for r, _, _ in stops} == {"0", "1"}, log
     assert len({s for _, s, _ in stops}) == 1 and len({e for _, _, e in stops}) == 1
     assert int(stops[0][2]) > 1  # millisecond steps: it reduces far less often than every step
-    assert events(tmp_path, "preempted")[0]["checkpoint"]
+    assert why_invalid(Path(events(tmp_path, "preempted")[0]["checkpoint"]), verify=True) is None
 
 
 def test_sigusr2_from_the_command_line(tmp_path):
@@ -170,11 +173,6 @@ def test_bad_input_is_one_clear_line_and_nothing_deleted(bad_input_env, bad_inpu
         assert w in errors[0]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
         sorted(p.name for p in (bad_input_env / "run" / "checkpoints").iterdir())
-
-
-def test_unknown_key_fails_with_hydras_error(tmp_path):
-    code, log = run(tmp_path, "trainer.max_stepz=3")
-    assert code != 0 and "max_stepz" in log and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_max_time_stops_with_a_checkpoint_and_resumes(tmp_path, reference):

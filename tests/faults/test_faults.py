@@ -174,6 +174,9 @@ def test_signal_after_training_finished_loses_nothing(tmp_path):
 
 BAD_CONFIGURATION = [
     ("trainer.max_stepz=3", ["max_stepz"]),
+    # a key that moved when the configuration got a node per part of the run names its new home
+    ("trainer.max_time=5", ["trainer.max_time= moved: use stopping.max_time="]),
+    ("scheduler.requeue=false", ["scheduler.requeue= moved", "stopping.requeue"]),
     ("trainer.max_steps=abc", ["trainer.max_steps='abc'"]),
     ("checkpoint.interval=-5", ["checkpoint.interval=-5"]),
     ("checkpoint.keep=0", ["checkpoint.keep=0"]),

@@ -254,7 +254,7 @@ class RunLease:
                 log.warning("run directory lease: renewal failed (%s)", e)
 
     def check(self) -> None:
-        """Raise LeaseLost if another run owns the directory now (called before each commit)."""
+        """Raise CheckpointError if another run owns the directory now (called before each commit)."""
         if self.lost is None:
             current = self._parse(self._read_text() or "")
             if current.get("token") != self.token:
