@@ -117,7 +117,7 @@ def _in_job(cluster, tmp_path, code: str, *args) -> str:
 
 
 def test_end_time_and_requeue_allowed_from_inside_a_job(cluster, tmp_path):
-    code = "from preemptible import slurm; import time; print(round(slurm.job_end_time() - time.time()), slurm.requeue_allowed())"
+    code = "from preemptible.stopping import slurm; import time; print(round(slurm.job_end_time() - time.time()), slurm.requeue_allowed())"
     left, allowed = _in_job(cluster, tmp_path, code, "--time=5", "--requeue").split()
     assert 240 <= int(left) <= 300 and allowed == "True"
     left, allowed = _in_job(cluster, tmp_path, code, "--time=5", "--no-requeue").split()

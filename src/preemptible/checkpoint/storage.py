@@ -31,6 +31,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from preemptible import faults, heartbeat
+from preemptible.files import fsync_path, write_atomic  # noqa: F401  (this module's face: the writer imports them here)
 
 SUMS_PREFIX = ".sums_"  # .sums_<rank>.json: {file name: [size, crc32c]} of the files that rank wrote
 
@@ -179,24 +180,3 @@ def file_crc32c(path: str | os.PathLike, chunk: int = 8 << 20) -> tuple[int, int
 
 
 # ----------------------------------------------------------------------------- atomic small files
-
-
-def fsync_path(path: Path, durable: bool = True) -> None:
-    if not durable:
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str, durable: bool = True) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent, durable)

@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import secrets
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from preemptible.errors import ConfigError
+from preemptible.files import write_atomic
 from preemptible.names import TRACKERS
 
 log = logging.getLogger("preemptible.trackers")  # the name users filter on (stable across moves)
@@ -361,9 +361,7 @@ class TrackerFeed:
             return
         data = {name: {**state, "sent_step": self._sent.get(name, 0), "durable_step": self._durable.get(name, 0)}
                 for name, state in self._state.items()}
-        tmp = self._path.with_name(self._path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, self._path)
+            write_atomic(self._path, json.dumps(data, indent=1), durable=False)
         except OSError as e:
             log.warning("tracker: %s could not be written (%s)", self._path, e)

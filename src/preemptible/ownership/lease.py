@@ -34,6 +34,7 @@ from typing import Any, Optional
 
 from preemptible.checks import seconds
 from preemptible.errors import CheckpointError, ConfigError
+from preemptible.files import write_atomic
 from preemptible.names import LEASE
 
 log = logging.getLogger("preemptible.ownership")  # the name users filter on (stable across moves)
@@ -247,9 +248,7 @@ class RunLease:
                                  f"({describe(current)})" if current else f"its lease {self.path} was removed")
                     log.error("%s; this run commits nothing more", self.lost)
                     return
-                tmp = self.path.with_name(f"{LEASE}.{self.token}.tmp")
-                tmp.write_text(self._new_record(beat))
-                os.replace(tmp, self.path)
+                write_atomic(self.path, self._new_record(beat), durable=False, tmp_name=f"{LEASE}.{self.token}.tmp")
             except OSError as e:  # a shared filesystem hiccup: try again at the next beat
                 log.warning("run directory lease: renewal failed (%s)", e)
 
