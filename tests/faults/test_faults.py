@@ -172,53 +172,100 @@ def test_signal_after_training_finished_loses_nothing(tmp_path):
     assert code == 0 and events(tmp_path, "resumed")[-1]["step"] == 20
 
 
-BAD_CONFIGURATION = [
-    ("trainer.max_stepz=3", ["max_stepz"]),
+# The one bad-input batch: every case run by the real recipe, all in one process (recipe_batch.py).
+# (override, words in the one error line, environment, on a finished run?). A case on a fresh run
+# directory must leave none behind; one on a finished run must leave its checkpoints as they were.
+FRESH, FINISHED = False, True
+BAD_INPUT = [
+    ("trainer.max_stepz=3", ["max_stepz"], {}, FRESH),
     # a key that moved when the configuration got a node per part of the run names its new home
-    ("trainer.max_time=5", ["trainer.max_time= moved: use stopping.max_time="]),
-    ("scheduler.requeue=false", ["scheduler.requeue= moved", "stopping.requeue"]),
-    ("trainer.max_steps=abc", ["trainer.max_steps='abc'"]),
-    ("checkpoint.interval=-5", ["checkpoint.interval=-5"]),
-    ("checkpoint.keep=0", ["checkpoint.keep=0"]),
-    ("signal_handler.sig=SIGNOPE", ["'SIGNOPE'"]),
-    ("signal_handler.sig=SIGSTOP", ["SIGSTOP cannot be caught"]),
-    ("stopping.stop_check=sometimes", ["stopping.stop_check='sometimes'"]),
-    ("stopping.requeue=maybe", ["stopping.requeue='maybe'"]),
-    ("stopping.max_time=-1", ["stopping.max_time=-1"]),
+    ("trainer.max_time=5", ["trainer.max_time= moved: use stopping.max_time="], {}, FRESH),
+    ("scheduler.requeue=false", ["scheduler.requeue= moved", "stopping.requeue"], {}, FRESH),
+    ("trainer.max_steps=abc", ["trainer.max_steps='abc'"], {}, FRESH),
+    ("checkpoint.interval=-5", ["checkpoint.interval=-5"], {}, FRESH),
+    ("checkpoint.keep=0", ["checkpoint.keep=0"], {}, FRESH),
+    ("signal_handler.sig=SIGNOPE", ["'SIGNOPE'"], {}, FRESH),
+    ("signal_handler.sig=SIGSTOP", ["SIGSTOP cannot be caught"], {}, FRESH),
+    ("stopping.stop_check=sometimes", ["stopping.stop_check='sometimes'"], {}, FRESH),
+    ("stopping.requeue=maybe", ["stopping.requeue='maybe'"], {}, FRESH),
+    ("stopping.max_time=-1", ["stopping.max_time=-1"], {}, FRESH),
     # values that would pass silently, and tracebacks where one line belongs
-    ("stopping.max_time=nan", ["stopping.max_time=nan"]),
-    ("optim.lr=inf", ["optim.lr=inf"]),
-    ("signal_handler.escalate=2", ["signal_handler.escalate=2; expected true or false"]),
-    ("signal_handler.chain=maybe", ["chain='maybe'"]),
-    ("signal_handler.escalate_after=abc", ["escalate_after='abc'"]),
-    ("signal_handler.sig=SIGCHLD", ["SIGCHLD is not a stop request"]),
-    ("stopping.slurm_time_limit=no", ["stopping.slurm_time_limit='no'"]),
-    ("checkpoint.dir=ftp://host/x", ["ftp:// is not supported"]),
-    ("checkpoint.dir=gs://bucket/x", ["gs:// is not supported"]),
-    ("data.block_size=256", ["data.block_size=256 is longer than model.block_size="]),
-    ("optim.betas=abc", ["optim.betas='abc'"]),
-    (f"hydra.run.dir={tempfile.gettempdir()}/preemptible-hydra-run-dir", ["use run_dir="]),
+    ("stopping.max_time=nan", ["stopping.max_time=nan"], {}, FRESH),
+    ("optim.lr=inf", ["optim.lr=inf"], {}, FRESH),
+    ("signal_handler.escalate=2", ["signal_handler.escalate=2; expected true or false"], {}, FRESH),
+    ("signal_handler.chain=maybe", ["chain='maybe'"], {}, FRESH),
+    ("signal_handler.escalate_after=abc", ["escalate_after='abc'"], {}, FRESH),
+    ("signal_handler.sig=SIGCHLD", ["SIGCHLD is not a stop request"], {}, FRESH),
+    ("stopping.slurm_time_limit=no", ["stopping.slurm_time_limit='no'"], {}, FRESH),
+    ("checkpoint.dir=ftp://host/x", ["ftp:// is not supported"], {}, FRESH),
+    ("checkpoint.dir=gs://bucket/x", ["gs:// is not supported"], {}, FRESH),
+    ("data.block_size=256", ["data.block_size=256 is longer than model.block_size="], {}, FRESH),
+    ("optim.betas=abc", ["optim.betas='abc'"], {}, FRESH),
+    (f"hydra.run.dir={tempfile.gettempdir()}/preemptible-hydra-run-dir", ["use run_dir="], {}, FRESH),
+    # one per place a value is checked (every value: tests/unit/test_settings.py)
+    ("stopping.grace_period=abc", ["stopping.grace_period='abc'"], {}, FRESH),   # a part of the run
+    ("model.vocab_size=100", ["model.vocab_size=100 is too small"], {}, FRESH),  # against the data
+    ("data.paths=[]", ["data.paths=[] lists no files"], {}, FRESH),              # a building block
+    ("lr_schedule.warmup_steps=-3", ["lr_schedule.warmup_steps=-3"], {}, FRESH),  # a factory the recipe calls
+    ("trainer.device=tpu", ["trainer.device='tpu'"], {}, FRESH),                 # the process group's set-up
+    ("ownership.stale_after=0", ["ownership.stale_after=0"], {}, FRESH),
+    ("report.log_every=1", ["LOCAL_RANK='zero'"], {"LOCAL_RANK": "zero"}, FRESH),  # garbage from the launcher
+    # on a finished run: refused in one line, and nothing of it deleted
+    ("signal_handler.sig=SIGFOO", ["signal_handler", "'SIGFOO'"], {}, FINISHED),
+    ("checkpoint.dir={tmp}/a_file/sub", ["checkpoint.dir", "not writable"], {}, FINISHED),
+    ("checkpoint.interval=-1", ["checkpoint.interval=-1"], {}, FINISHED),
+    ("model.init_from={tmp}/nope", ["model.init_from", "does not exist"], {}, FINISHED),
+    ("model.init_from={other}", ["model.init_from", "does not fit", "Size mismatch"], {}, FINISHED),
+    ("checkpoint.resume={tmp}/nope", ["checkpoint.resume", "not a valid checkpoint"], {}, FINISHED),
+    ("checkpoint.resume={other}", ["cannot honour", "model.n_embd: 16 -> 32"], {}, FINISHED),
+    ("data.paths=[{tmp}/empty.txt]", ["data.paths", "0 bytes"], {}, FINISHED),
+    ("trainer.max_steps=0", ["trainer.max_steps=0"], {}, FINISHED),
 ]
 
 
 @pytest.fixture(scope="module")
-def bad_configuration_results(tmp_path_factory):
-    cases = [(tmp_path_factory.mktemp(f"badcfg{i}") / "new", [override], {})
-             for i, (override, _) in enumerate(BAD_CONFIGURATION)]
+def bad_input_env(tmp_path_factory):
+    """A finished run to protect, a checkpoint of another model shape, a file, an empty text file."""
+    root = tmp_path_factory.mktemp("bad_input")
+    code, log = run(root / "run", "trainer.max_steps=3")
+    assert code == 0, log
+    code, log = run(root / "other", "trainer.max_steps=2", "model.n_embd=16")
+    assert code == 0, log
+    (root / "a_file").write_text("x")
+    (root / "empty.txt").write_text("")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(bad_input_env, tmp_path_factory):
+    other = bad_input_env / "other" / "checkpoints" / "step_00000002"
+    cases = []
+    for i, (override, _, env, finished) in enumerate(BAD_INPUT):
+        run_dir = tmp_path_factory.mktemp(f"bad{i}") / ("run" if finished else "new")
+        if finished:
+            shutil.copytree(bad_input_env / "run", run_dir)
+        cases.append((run_dir, [override.format(tmp=bad_input_env, other=other)], env))
     return [(run_dir, *result) for (run_dir, _, _), result in zip(cases, run_many(cases))]
 
 
-@pytest.mark.parametrize("index", range(len(BAD_CONFIGURATION)), ids=[o for o, _ in BAD_CONFIGURATION])
-def test_bad_configuration_writes_nothing(bad_configuration_results, index):
-    run_dir, code, log = bad_configuration_results[index]
+@pytest.mark.parametrize("index", range(len(BAD_INPUT)), ids=[o for o, *_ in BAD_INPUT])
+def test_bad_input_is_one_line_and_leaves_everything_as_it_was(bad_input_env, bad_input_results, index):
+    run_dir, code, log = bad_input_results[index]
+    override, words, _, finished = BAD_INPUT[index]
     assert "Traceback" not in log, log
     if "Could not override" in log:  # Hydra's own refusal of an unknown key: its exit status, its message
         assert code == 1, log
     else:
-        assert code == 2 and log.strip().splitlines()[-1].startswith("error: "), log
-    for w in BAD_CONFIGURATION[index][1]:
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1, log
+        assert finished or log.strip().splitlines()[-1] == errors[0], log  # a fresh run: nothing after it
+    for w in words:
         assert w in log
-    assert not run_dir.exists(), list(run_dir.rglob("*"))
+    if finished:
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
+            sorted(p.name for p in (bad_input_env / "run" / "checkpoints").iterdir())
+    else:
+        assert not run_dir.exists(), list(run_dir.rglob("*"))
 
 
 def test_random_preemptions_lose_nothing(tmp_path):

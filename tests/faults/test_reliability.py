@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REFERENCE_STEPS
-from recipe_helpers import (REPO, run_many, events, interrupt_at, losses, run, start, wait_for_step,
+from recipe_helpers import (REPO, events, interrupt_at, losses, run, start, wait_for_step,
                             worker_pids_by_rank)
 from preemptible.checkpoint import storage
 from preemptible.checkpoint.writer import COMMIT, marker_checksum, why_invalid
@@ -249,32 +249,7 @@ def test_a_changed_configuration_at_resume_is_refused_or_applied_and_said(tmp_pa
     assert lrs[STEPS + 1] < 0.0005 + 1e-12  # the new base LR applies from the first resumed step
 
 
-BAD_VALUES = [  # one per place a value is checked; every value: test_settings.py
-    ("stopping.grace_period=abc", "stopping.grace_period='abc'", {}),     # the recipe's settings
-    ("model.vocab_size=100", "model.vocab_size=100 is too small", {}),      # against the data
-    ("data.paths=[]", "data.paths=[] lists no files", {}),                  # a building block
-    ("lr_schedule.warmup_steps=-3", "lr_schedule.warmup_steps=-3", {}),     # a factory called by the recipe
-    ("trainer.device=tpu", "trainer.device='tpu'", {}),                     # the process group's set-up
-    ("checkpoint.keep=-1", "checkpoint.keep=-1", {}),                       # a library error, in recipe terms
-    ("ownership.stale_after=0", "ownership.stale_after=0", {}),
-    ("report.log_every=1", "LOCAL_RANK='zero'", {"LOCAL_RANK": "zero"}),   # garbage from the launcher
-]
-
-
-@pytest.fixture(scope="module")
-def bad_value_results(tmp_path_factory):
-    cases = [(tmp_path_factory.mktemp(f"badval{i}") / "new", [override], env)
-             for i, (override, _, env) in enumerate(BAD_VALUES)]
-    return [(run_dir, *result) for (run_dir, _, _), result in zip(cases, run_many(cases))]
-
-
-@pytest.mark.parametrize("index", range(len(BAD_VALUES)), ids=[w for _, w, _ in BAD_VALUES])
-def test_every_bad_value_fails_before_training_in_one_line(bad_value_results, index):
-    run_dir, code, out = bad_value_results[index]
-    errors = [l for l in out.splitlines() if l.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and BAD_VALUES[index][1] in errors[0], out
-    assert "Traceback" not in out
-    assert not run_dir.exists(), list(run_dir.rglob("*"))
+# Bad values: the one bad-input batch in test_faults.py.
 
 
 def test_data_paths_given_as_one_file_is_that_file(tmp_path):

@@ -127,3 +127,24 @@ def test_each_yaml_default_equals_the_library_default_it_sets(group, option):
         expected = defaults[key]
         expected = list(expected) if isinstance(expected, tuple) else expected
         assert value == expected, f"{group}/{option}.yaml: {key}={value!r}, the library's default is {expected!r}"
+
+
+def test_the_docs_table_of_keys_says_the_yaml_defaults():
+    """docs/recipe.md's table restates each key's default for readers: it must say what the YAML sets."""
+    import re
+
+    import yaml
+
+    cfg = OmegaConf.to_container(_compose(), resolve=False)
+    text = (CONF.parent / "docs" / "recipe.md").read_text()
+    checked = 0
+    for key, default in re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| `([^`]*)` \|", text, re.M):
+        group, name = key.split(".")
+        if group not in cfg or not isinstance(cfg[group], dict) or name not in cfg[group]:
+            continue
+        value = cfg[group][name]
+        if isinstance(value, str) and value.startswith("${"):
+            continue  # an interpolation, shown as such
+        assert yaml.safe_load(default) == value, f"docs/recipe.md says {key} defaults to {default}; the YAML: {value!r}"
+        checked += 1
+    assert checked >= 30, checked
