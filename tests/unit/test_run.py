@@ -282,3 +282,19 @@ def test_a_resume_says_what_it_cannot_know(tmp_path, caplog):
             continue
         assert "data= was not given: data the loop reads on its own starts from its beginning again" in said
         assert ("written by the run in" in said) == (run_dir == "second"), said
+
+
+def test_one_stopping_serves_several_runs_in_turn(tmp_path):
+    """A part made once (at the top of a script) and given to one Run after another: each Run gets a
+    signal handler and notices of its own (a Notices polls for one run only)."""
+    stopping = Stopping(max_time=3600)
+    handlers = []
+    for steps in (2, 4):
+        run = Run(tmp_path / "run", model=torch.nn.Linear(1, 1), max_steps=steps, stopping=stopping,
+                  checkpoint=Checkpointer(interval=0))
+        with run:
+            while run.step < steps:
+                run.step_done()
+        assert run.exit_code == 0 and run.step == steps
+        handlers.append((run.handler, run.notices))
+    assert handlers[0][0] is not handlers[1][0] and handlers[0][1] is not handlers[1][1]

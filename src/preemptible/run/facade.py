@@ -104,7 +104,7 @@ class Run(Resuming, Ending):
         self._stopping = part("stopping", stopping, Stopping)
         self.ownership = part("ownership", ownership, Ownership)
         self.report = part("report", report, Report)
-        self.handler, self.notices = self._stopping.handler, self._stopping.notices
+        self.handler, self.notices = self._stopping.handler_and_notices()
         if self._stopping.stop_check == "gradients" and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ConfigError("stop_check=gradients needs a DDP model with more than one rank; use reduce")
         trackers = [] if tracker is None else list(tracker) if isinstance(tracker, (list, tuple)) else [tracker]

@@ -6,7 +6,7 @@ recipe's `conf/stopping/default.yaml` is checked against them by a test).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 from preemptible.checks import boolean, exit_status, one_of, seconds
@@ -58,7 +58,6 @@ class Stopping:
     margin: float = 5.0
     requeue: Union[bool, Literal["auto"]] = "auto"
     exit_code_on_stop: Optional[int] = None
-    handler: Any = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         one_of("stop_check", self.stop_check, ("reduce", "gradients", "all_gather"))
@@ -69,8 +68,13 @@ class Stopping:
         seconds("margin", self.margin)
         one_of("requeue", self.requeue, ("auto", True, False))
         exit_status("exit_code_on_stop", self.exit_code_on_stop, none_means="128 + the signal number")
-        self.handler = self._handler()
-        self.notices = self._notices()
+        self.handler_and_notices()  # checked now; a Run builds its own when it is made
+
+    def handler_and_notices(self) -> tuple[Any, Any]:
+        """A signal handler and the notices for one Run: new ones from names and "default" (so one
+        Stopping serves several runs in turn), the ones given otherwise."""
+        handler = self._handler()
+        return handler, self._notices(handler)
 
     def _handler(self) -> Any:
         from preemptible.stopping.signal_handler import DistributedSignalHandler
@@ -83,15 +87,15 @@ class Stopping:
         except ValueError as e:
             raise ConfigError(f"signals={self.signals!r}: {e}") from None
 
-    def _notices(self) -> Any:
+    def _notices(self, handler: Any) -> Any:
         from preemptible.stopping.notices import Notices
 
         notices = self.notices
         if isinstance(notices, str) and notices == "default":
-            return Notices() if self.handler is not None else None
+            return Notices() if handler is not None else None
         if notices is not None and not isinstance(notices, Notices):
             raise ConfigError(f"notices={notices!r}; expected a preemptible.Notices, 'default' or None")
-        if notices is not None and self.handler is None:
+        if notices is not None and handler is None:
             if notices.cloud or notices.extra:
                 raise ConfigError(f"notices={notices!r} need signal handling to agree on the stop step; pass "
                                   "signals= (not None), or notices=None")
