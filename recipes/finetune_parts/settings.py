@@ -1,9 +1,9 @@
 """The recipe's own settings: every value checked before anything runs or is written, and what a
 resume does when the configuration changed since the checkpoint was written.
 
-Building blocks check their own arguments (model, data, optimizer, checkpoint, signal handler);
-this module checks the keys that are only read later (at a stop, at a time limit), so a typo
-fails at start, in one line, not after hours of training.
+Building blocks and the parts of the run check their own arguments when they are built (model,
+data, checkpoint, stopping, ...); this module checks the recipe's own keys and the ones that
+relate two nodes, and refuses keys that moved, so a typo fails at start, in one line.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def refuse_moved_keys(overrides: list[str]) -> None:
         if key in MOVED_KEYS:
             raise ConfigError(f"{key}= moved: use {MOVED_KEYS[key]}= (the configuration has a node per part of the run)")
         if key == "scheduler" or key.startswith("scheduler."):
-            raise ConfigError(f"{key}= moved: the scheduler keys are under stopping. ({', '.join(sorted(v for k, v in MOVED_KEYS.items() if k.startswith('scheduler.')))})")
+            raise ConfigError(f"{key}= moved: the scheduler keys are under stopping. (stopping.requeue, "
+                              "stopping.slurm_time_limit, stopping.save_guess, stopping.margin, stopping.grace_period)")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -41,6 +41,12 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def described(e: BaseException) -> str:
+    """`Type: first line` (or the type alone): an exception in one line of a log or an error."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 class CheckpointError(RuntimeError):
     """A save could not be completed; the previous committed checkpoint is untouched and still latest."""
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from preemptible.errors import CheckpointError, ConfigError
+from preemptible.errors import CheckpointError, ConfigError, described
 from preemptible.names import COMMIT, LATEST
 
 log = logging.getLogger("preemptible.remote")  # the name users filter on (stable across moves)
@@ -32,11 +32,6 @@ log = logging.getLogger("preemptible.remote")  # the name users filter on (stabl
 
 def is_remote(url: Any) -> bool:
     return isinstance(url, str) and "://" in url and not url.startswith("file://")
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 SCHEMES = ("s3",)  # where the lease works: S3's conditional writes (If-None-Match, If-Match)
@@ -82,7 +77,7 @@ class Remote:
             # the process, bound to the endpoint and credentials of that moment.
             self.fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True)
         except (ImportError, ValueError) as e:
-            raise ConfigError(f"dir={url!r}: {_short(e)}; for s3:// pip install 'preemptible[s3]'") from None
+            raise ConfigError(f"dir={url!r}: {described(e)}; for s3:// pip install 'preemptible[s3]'") from None
         self.url = url.rstrip("/")
         self.root = path.rstrip("/")
         if not self.root:
@@ -135,7 +130,7 @@ class Remote:
                     self.fs.rm_file(self.key(name, COMMIT))
                 self.fs.rm(self.key(name), recursive=True)
             except (OSError, FileNotFoundError) as e:
-                log.warning("checkpoint: could not remove %s (%s)", self.where(name), _short(e))
+                log.warning("checkpoint: could not remove %s (%s)", self.where(name), described(e))
         self._invalidate()
 
     # -- reading -------------------------------------------------------------------------------
@@ -182,7 +177,7 @@ class Remote:
             self.fs.get([self.key(name, f) for f in files], [str(into / f) for f in files])
             (into / COMMIT).write_bytes(marker_bytes)
         except (ValueError, KeyError, TypeError) as e:
-            return self._drop(into, f"its {COMMIT} object cannot be read ({_short(e)})")
+            return self._drop(into, f"its {COMMIT} object cannot be read ({described(e)})")
         why = why_invalid(into, verify=True)
         return self._drop(into, why) if why else None
 
@@ -227,7 +222,7 @@ class Uploader:
                          (self.remote.last_upload_bytes or 0) / 1e6, self.remote.last_upload_seconds or 0)
                 self.remote.prune(self.keep)
             except Exception as e:  # noqa: BLE001 -- reported once, retried with the next commit
-                self.error = f"upload of {local.name} to {self.remote.url} failed ({_short(e)})"
+                self.error = f"upload of {local.name} to {self.remote.url} failed ({described(e)})"
                 log.warning("checkpoint: %s; it is committed locally, the remote head stays %s", self.error,
                             self.uploaded or "none")
             with self._lock:

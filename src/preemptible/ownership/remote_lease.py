@@ -13,8 +13,8 @@ import time
 import uuid
 from typing import Any, Optional
 
-from preemptible.checkpoint.remote import Remote, _short
-from preemptible.errors import CheckpointError, ConfigError
+from preemptible.checkpoint.remote import Remote
+from preemptible.errors import CheckpointError, ConfigError, described
 from preemptible.names import LEASE
 from preemptible.ownership.lease import STALE_AFTER, WAIT
 
@@ -102,7 +102,7 @@ class RemoteLease:
                     self.lost = f"another run took {self.remote.url} over"
                     log.error("checkpoint: %s; this run uploads no more markers", self.lost)
                     return
-                log.warning("checkpoint: renewing the lease on %s failed (%s); trying again", self.remote.url, _short(e))
+                log.warning("checkpoint: renewing the lease on %s failed (%s); trying again", self.remote.url, described(e))
 
     def check(self) -> None:
         if self.lost:
@@ -120,7 +120,7 @@ class RemoteLease:
                     self.remote.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
             except Exception as e:  # noqa: BLE001 -- it goes stale on its own after stale_after seconds
                 log.warning("checkpoint: could not release the lease on %s (%s); it counts as gone after %gs",
-                            self.remote.url, _short(e), self.stale_after)
+                            self.remote.url, described(e), self.stale_after)
 
 
 def _owner_stale_after(owner: Optional[dict], default: float) -> float:

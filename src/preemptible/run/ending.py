@@ -62,7 +62,7 @@ class Ending:
             return
         stop = self.stop
         estimate, basis = self.save_estimate()
-        requeue = self.rank == 0 and want_requeue(self._stopping.requeue)
+        requeue = self.rank == 0 and self._wants_requeue()
         skipped, risk = save_decision(stop, self._stopping.grace_period, estimate, "a SLURM requeue" if requeue else None)
         if risk and not skipped:
             log.warning("%s (%s); saving anyway: a save cut off by the kill commits nothing, and the last "
@@ -86,6 +86,12 @@ class Ending:
             log.info("stopped at step %d on %s; checkpoint %s; %s", self.step, stop.reason, self.last_checkpoint,
                      again, extra=LIFECYCLE)
         self.exit_code = exit_status(stop, self._stopping.exit_code_on_stop)
+
+    def _wants_requeue(self) -> bool:
+        """Whether rank 0 requeues the job after the stop; asked of SLURM once (an scontrol call)."""
+        if self._requeue is None:
+            self._requeue = want_requeue(self._stopping.requeue)
+        return self._requeue
 
     def _wait_upload(self, stop: Stop, cp: Checkpointer) -> bool:
         """Rank 0, remote dir: the stop's checkpoint must reach the store; wait as long as the grace
@@ -138,7 +144,7 @@ class Ending:
             self._close_log()
             self._release()
             self._stop_lines()
-        if clean and self.stop is not None and self.rank == 0 and want_requeue(self._stopping.requeue):
+        if clean and self.stop is not None and self.rank == 0 and self._wants_requeue():
             slurm.requeue()  # only now: the checkpoint is durable and every rank is past its last collective
         if clean and self.exit_code is not None and self.handler is not None:
             self._end_on_late_signals()

@@ -1,7 +1,7 @@
 """`Run`: one object that makes any training loop preemptible.
 
     run = preemptible.Run("runs/exp1", model=model, optimizer=opt, scheduler=sched, data=loader,
-                          max_steps=1000, interval=100)
+                          max_steps=1000, checkpoint=preemptible.Checkpointer(interval=100))
     with run:                              # owns the directory, installs the signals, resumes
         for batch in run.batches():        # where the last run stopped; ends on an agreed stop
             loss = train_step(batch)
@@ -45,7 +45,7 @@ from preemptible import faults
 from preemptible.checkpoint.writer import Checkpointer
 from preemptible.checks import path as check_path
 from preemptible.distributed.env import barrier, broadcast_object, is_distributed
-from preemptible.errors import ConfigError, first_line, in_part
+from preemptible.errors import ConfigError, described, in_part
 from preemptible.names import CHECKPOINTS
 from preemptible.observe.lifecycle import attach as show_lifecycle
 from preemptible.observe.metrics import METRICS, PROGRESS, Metrics, unclean_end
@@ -146,6 +146,7 @@ class Run(Resuming, Ending):
         self._killed_at: Optional[int] = None
         self._detach_lines: Any = None
         self._bytes_final = False
+        self._requeue: Optional[bool] = None  # asked once, at the stop
 
     # -- entering: own, install, resume ---------------------------------------------------------
 
@@ -237,7 +238,7 @@ class Run(Resuming, Ending):
                     error = in_part("checkpoint", e)
                 except Exception as e:  # noqa: BLE001 -- the store cannot be reached: one line, before any work
                     error = in_part("checkpoint", ConfigError(
-                        f"dir={cp.remote.url!r} cannot be reached ({type(e).__name__}: {first_line(e)}); check "
+                        f"dir={cp.remote.url!r} cannot be reached ({described(e)}); check "
                         "AWS_ENDPOINT_URL and the credentials"))
             if error is None and self.notices is not None:
                 self.notices.clear_stop_file(self.dir)  # before any node polls for it

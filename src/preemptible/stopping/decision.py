@@ -14,8 +14,6 @@ import torch
 
 from preemptible.stopping import slurm
 from preemptible.distributed.env import broadcast_object
-from preemptible.checks import seconds
-from preemptible.errors import ConfigError
 from preemptible.stopping.signal_handler import all_gather_item
 from preemptible.stopping.vote import DEADLINE, NOTICE, reason_name
 
@@ -100,10 +98,10 @@ def gather_objects(obj: Any, group: Any = None) -> list[Any]:
 
 
 def end_time(max_time: Any, slurm_time_limit: bool) -> Optional[float]:
-    """When this run must be done: start + `max_time` seconds and/or SLURM's end time."""
+    """When this run must be done: start + `max_time` seconds (checked by `Stopping`) and/or SLURM's
+    end time."""
     ends = []
     if max_time is not None:
-        seconds("max_time", max_time, strict=True, none_ok=True)
         ends.append(time.time() + max_time)
     if slurm_time_limit and slurm.job_id():
         end = slurm.job_end_time()
@@ -113,8 +111,7 @@ def end_time(max_time: Any, slurm_time_limit: bool) -> Optional[float]:
 
 
 def want_requeue(mode: Any) -> bool:
-    if mode not in ("auto", True, False):
-        raise ConfigError(f"requeue={mode!r}; expected auto, true or false")
+    """`mode`: Stopping's requeue (checked there): 'auto' asks SLURM whether the job allows it."""
     if mode == "auto":
         return slurm.job_id() is not None and slurm.requeue_allowed()
     return bool(mode)
