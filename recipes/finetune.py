@@ -6,13 +6,14 @@
     python recipes/finetune.py signal_handler=none              # no signal handling
     python recipes/finetune.py notices.cloud=aws                # also stop on an EC2 spot notice
     python recipes/finetune.py tracker=tensorboard              # or wandb, mlflow: one run across resumes
+    python recipes/finetune.py watchdog.timeout=60              # a frozen or lost rank ends the job (status 86)
 
 On a signal at any rank (TERM, INT, HUP by default) every rank stops at the same step, writes one
 committed checkpoint and exits 128+signum; the same command again resumes from it, bit-identically.
 A notice (`touch <run_dir>/STOP`, a cloud's spot notice) stops it the same way, exit status 75.
 
 The configuration has a node per part of the run, named as the library names it (`checkpoint`,
-`stopping`, `ownership`, `report`, `signal_handler`, `notices`, `tracker`); the recipe's own
+`stopping`, `ownership`, `report`, `watchdog`, `signal_handler`, `notices`, `tracker`); the recipe's own
 building blocks (model, data, LR schedules, settings) are in recipes/finetune_parts.
 """
 
@@ -45,8 +46,9 @@ def train(cfg: DictConfig) -> Run:
     # ---- every value checked, everything built, before anything is written
     validate(cfg)
     check_hydra_run_dir()
+    watchdog = build(cfg, "watchdog")  # its timeout bounds the process group's too
     with node_errors("trainer"):
-        env = init_distributed(cfg.trainer.device)
+        env = init_distributed(cfg.trainer.device, timeout=watchdog.group_timeout if watchdog else None)
     torch.manual_seed(cfg.seed)  # same model init on every rank
     model = build(cfg, "model").to(env.device)
     if model.init_from:
@@ -66,7 +68,8 @@ def train(cfg: DictConfig) -> Run:
     run = Run(cfg.run_dir, model=model, optimizer=optimizer, scheduler=schedule, data=batches,
               max_steps=cfg.trainer.max_steps, seed=cfg.seed, stopping=stopping,
               checkpoint=build(cfg, "checkpoint", meta={"config": composed(cfg)}),
-              ownership=build(cfg, "ownership"), tracker=build(cfg, "tracker"), report=build(cfg, "report"))
+              ownership=build(cfg, "ownership"), tracker=build(cfg, "tracker"), report=build(cfg, "report"),
+              watchdog=watchdog)
     # a resume refuses what it cannot honour (before loading) and applies changed hyperparameters (after)
     run.before_resume = lambda marker, path: refuse_changes(marker.get("config"), composed(cfg), str(path))
     run.after_resume = lambda marker, path: apply_after_resume(marker.get("config"), composed(cfg), path.name,

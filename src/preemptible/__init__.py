@@ -17,6 +17,8 @@ _WHERE = {
     "Stopping": "preemptible.stopping.options",
     "Ownership": "preemptible.ownership.lease",
     "Report": "preemptible.observe.report",
+    "Watchdog": "preemptible.stopping.watchdog",
+    "HANG_EXIT": "preemptible.stopping.watchdog",
     "Notices": "preemptible.stopping.notices",
     "Notice": "preemptible.stopping.notices",
     "TensorBoard": "preemptible.observe.trackers",
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see behind the lazy names
     from preemptible.stopping.signal_handler import (DistributedSignalHandler, GatherFuture, SignalLike,
                                                      all_gather_item, get_device, parse_signals, resolve_signal)
     from preemptible.stopping.vote import AgreedMax
+    from preemptible.stopping.watchdog import HANG_EXIT, Watchdog
 
 
 def __getattr__(name: str) -> Any:

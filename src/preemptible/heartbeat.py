@@ -1,23 +1,58 @@
-"""A progress clock: when this process last made progress (a step boundary, checkpoint bytes
-written). Signal escalation reads it to tell a stuck rank from one that is busy saving.
+"""A progress clock: when this process last made progress (a step boundary, a stop check, checkpoint
+bytes written, `Run.heartbeat()`), how many times, and the phase it is in. Signal escalation and
+the watchdog read it to tell a stuck rank from one that is busy.
 
-One float per process, set with a plain assignment: cheap enough for every step and every 8 MiB
-written, and safe from any thread.
+Plain assignments to module globals: cheap enough for every step and every 8 MiB written, and
+safe from any thread (a reader sees the old value or the new one).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 _last = time.monotonic()
+_count = 0
+_longest = 0.0  # the longest pause between two beats since reset_longest()
+_phase = "starting"
 
 
-def beat() -> None:
-    """Record progress now."""
-    global _last
-    _last = time.monotonic()
+def beat(phase: Optional[str] = None) -> None:
+    """Record progress now (and, if given, the phase the process enters)."""
+    global _last, _count, _longest, _phase
+    now = time.monotonic()
+    if now - _last > _longest:
+        _longest = now - _last
+    _last, _count = now, _count + 1
+    if phase is not None:
+        _phase = phase
+
+
+def set_phase(phase: str) -> None:
+    """Name what the process does from now on (no progress recorded)."""
+    global _phase
+    _phase = phase
+
+
+def phase() -> str:
+    return _phase
+
+
+def count() -> int:
+    """Beats so far: changes whenever progress is made."""
+    return _count
 
 
 def idle_seconds() -> float:
     """Seconds since the last recorded progress."""
     return time.monotonic() - _last
+
+
+def longest_pause() -> float:
+    """The longest pause between two beats since `reset_longest()`."""
+    return _longest
+
+
+def reset_longest() -> None:
+    global _longest
+    _longest = 0.0

@@ -6,6 +6,8 @@
       metrics.jsonl      one row per step and per event, appended (observe.metrics)
       progress.json      the last step reached, rewritten every step (a kill's step)
       trackers.json      the experiment trackers' run ids, one tracker run across resumes
+      watchdog/          rank<N>: each rank's beat count; stacks-step<S>-rank<N>.txt: where a
+                         rank that ended on a hang or a lost peer was (stopping.watchdog)
       checkpoints/       step_NNNNNNNN/ (each committed by its COMMITTED marker), `latest`
                          (the head), abandoned/ (newer checkpoints set aside after going back)
 """
@@ -19,3 +21,4 @@ TRACKERS = "trackers.json"
 COMMIT = "COMMITTED"
 LATEST = "latest"
 ABANDONED = "abandoned"
+WATCHDOG = "watchdog"

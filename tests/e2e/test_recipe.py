@@ -1,9 +1,11 @@
 """The reference recipe end to end: real processes, real signals, real checkpoints on disk."""
 
 import json
+import os
 import re
 import shutil
 import signal
+import time
 
 import pytest
 
@@ -12,7 +14,7 @@ from pathlib import Path
 from distributed_helpers import free_port
 from preemptible.checkpoint.layout import why_invalid
 from conftest import REFERENCE_STEPS
-from recipe_helpers import events, head, interrupt_at, losses, run, start
+from recipe_helpers import events, head, interrupt_at, losses, run, start, wait_for_step, worker_pids_by_rank
 
 pytestmark = pytest.mark.slow
 STEPS = REFERENCE_STEPS  # the shared uninterrupted runs (conftest.py: `reference`)
@@ -137,3 +139,25 @@ def test_max_time_stops_with_a_checkpoint_and_resumes(tmp_path, reference):
     assert stop["signal"] == "time limit" and stop["ranks"] == {"0": "time limit"}
     code, log = run(tmp_path, f"trainer.max_steps={stop['step'] + 5}")
     assert code == 0 and events(tmp_path, "resumed")[0]["step"] == stop["step"]
+
+
+def test_a_frozen_torchrun_worker_ends_the_job_with_stacks_and_the_same_command_resumes(tmp_path, reference):
+    """watchdog.timeout=15, SIGSTOP to one worker mid-run: the other's watchdog ends it (status 86,
+    its stacks in the run directory), torchrun's agent ends the frozen one; the job is over within
+    60 s, and the same command resumes and finishes bit-identical to an uninterrupted run."""
+    slow = {"PREEMPTIBLE_FAULTS": json.dumps([{"at": "step", "sleep": 0.05}])}  # 40 steps take seconds
+    args = (f"trainer.max_steps={STEPS}", "checkpoint.interval=10", "watchdog.timeout=15")
+    proc = start(tmp_path, *args, nproc=2, env=slow)
+    frozen = worker_pids_by_rank(proc.pid, 2)[1]
+    wait_for_step(tmp_path, 14, proc)
+    os.kill(frozen, signal.SIGSTOP)
+    started = time.monotonic()
+    out, _ = proc.communicate(timeout=120)
+    assert time.monotonic() - started < 60 and proc.returncode != 0, out
+    hung = events(tmp_path, "hung")
+    assert [(e["rank"], e["signal"]) for e in hung] == [(0, "hung")], out
+    assert (tmp_path / hung[0]["stacks"]).is_file() and "ending with status 86" in out
+    assert int(head(tmp_path)[5:]) <= hung[0]["step"]  # the head: the last committed checkpoint
+    code, out = run(tmp_path, *args, nproc=2)
+    assert code == 0, out
+    assert_same_run(tmp_path, reference[2])

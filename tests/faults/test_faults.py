@@ -209,6 +209,9 @@ BAD_INPUT = [
     ("lr_schedule.warmup_steps=-3", ["lr_schedule.warmup_steps=-3"], {}, FRESH),  # a factory the recipe calls
     ("trainer.device=tpu", ["trainer.device='tpu'"], {}, FRESH),                 # the process group's set-up
     ("ownership.stale_after=0", ["ownership.stale_after=0"], {}, FRESH),
+    ("watchdog.timeout=0", ["watchdog.timeout=0; expected seconds > 0 (or 'auto')"], {}, FRESH),
+    ("watchdog.timeout=soon", ["watchdog.timeout='soon'"], {}, FRESH),
+    ("watchdog.factor=0.5", ["watchdog.factor=0.5"], {}, FRESH),
     ("report.log_every=1", ["LOCAL_RANK='zero'"], {"LOCAL_RANK": "zero"}, FRESH),  # garbage from the launcher
     # on a finished run: refused in one line, and nothing of it deleted
     ("signal_handler.sig=SIGFOO", ["signal_handler", "'SIGFOO'"], {}, FINISHED),

@@ -1,5 +1,7 @@
 """The recipe under a real SLURM: signal, requeue, resume; partition preemption; time limit."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -89,6 +91,39 @@ def test_partition_preemption(cluster, tmp_path, reference):
     info = cluster.wait(jid, {"COMPLETED"}, timeout=180)
     assert int(info["Restarts"]) >= 1
     assert events(tmp_path, "preempted")[0]["signal"] in ("SIGUSR2", "SIGTERM")
+    assert_resumed_equal(tmp_path, reference, restarts=1)
+
+
+def task_pid(run_dir: Path, rank: int, timeout: float = 60) -> int:
+    """The pid of the srun task of `rank` running the recipe on `run_dir` (this node's /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                env = (proc / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if f"run_dir={run_dir}".encode() in cmd and f"RANK={rank}".encode() in env and b"bash" not in cmd[0]:
+                return int(proc.name)
+        time.sleep(0.2)
+    raise TimeoutError(f"no task of rank {rank} for {run_dir}")
+
+
+def test_a_frozen_task_is_found_by_the_watchdog_and_the_job_requeued(cluster, tmp_path, reference):
+    """SIGSTOP to one srun task (no agent to notice): rank 0's watchdog ends it after 10 s with its
+    stacks, requeues the job (--requeue), and the requeued job resumes and completes equal to the
+    uninterrupted run."""
+    jid = submit(cluster, tmp_path, "--requeue", overrides=[f"trainer.max_steps={STEPS}", "watchdog.timeout=10",
+                                                          "checkpoint.interval=10"])
+    wait_for_step(tmp_path, 20, _Job(cluster, jid))
+    os.kill(task_pid(tmp_path, 1), signal.SIGSTOP)
+    info = cluster.wait(jid, {"COMPLETED", "FAILED"}, timeout=300)
+    log = job_log(tmp_path)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log
+    hung = [e for e in events(tmp_path, "hung") if e["signal"] == "hung"]
+    assert hung and hung[0]["rank"] == 0 and (tmp_path / hung[0]["stacks"]).is_file(), log
+    assert "requeued the SLURM job" in log
     assert_resumed_equal(tmp_path, reference, restarts=1)
 
 

@@ -24,7 +24,7 @@ def _compose(*overrides):
 
 def test_every_group_option_is_covered():
     assert {g for g, _ in OPTIONS} == {"model", "data", "optim", "lr_schedule", "signal_handler", "checkpoint", "trainer",
-                                       "notices", "tracker", "stopping", "ownership", "report"}
+                                       "notices", "tracker", "stopping", "ownership", "report", "watchdog"}
 
 
 @pytest.mark.parametrize("group, option", OPTIONS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import logging
 import os
 import signal
@@ -10,11 +11,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from preemptible.checks import seconds
 from preemptible.errors import ConfigError
 from preemptible.stopping.signals import JOB_ENDING
 
@@ -57,10 +59,13 @@ def read_env() -> tuple[int, int, int]:
     return world, rank, local
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); single process otherwise."""
+def init_distributed(device: str = "auto", timeout: Optional[float] = None) -> DistEnv:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA); single process otherwise.
+    timeout: seconds a collective may wait before it fails (None: torch's default, 10 min for NCCL and
+    30 for gloo); `Watchdog(...).group_timeout` bounds a hang where no watchdog thread can run."""
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={device!r}; expected auto, cpu or cuda")
+    seconds("timeout", timeout, strict=True, none_ok=True)
     world, rank, local = read_env()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
@@ -70,7 +75,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
         torch.cuda.set_device(dev)
     # torchrun (and the SLURM example) set RANK even for one process: FSDP needs a group there too.
     if (world > 1 or "RANK" in os.environ) and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        extra = {"timeout": datetime.timedelta(seconds=timeout)} if timeout is not None else {}
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None, **extra)
     return DistEnv(rank, world, local, dev)
 
 

@@ -19,6 +19,7 @@ from preemptible.checkpoint.layout import in_line, read_marker, step_of, why_inv
 from preemptible.checkpoint.lineage import Lineage
 from preemptible.observe.metrics import read_metrics
 from preemptible.errors import ConfigError, UnsafeCheckpointError
+from preemptible.stopping.watchdog import HANG_EXIT
 from preemptible.names import ABANDONED, CHECKPOINTS, COMMIT, LATEST, LEASE, METRICS
 
 MODEL_PREFIX = "model_optim.model."
@@ -183,7 +184,7 @@ def format_status(info: dict[str, Any]) -> str:
         out.append(f"set aside in abandoned/: {', '.join(info['abandoned'])}")
     out.append("")
     out.append("starts and stops (metrics.jsonl):")
-    shown = [e for e in info["events"] if e.get("event") in ("resumed", "preempted", "done", "killed", "failed")]
+    shown = [e for e in info["events"] if e.get("event") in ("resumed", "preempted", "done", "killed", "failed", "hung")]
     for e in shown:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"])) if isinstance(e.get("time"), (int, float)) else "?"
         what = {"resumed": lambda: f"resumed from {e.get('from')} on {e.get('world_size')} ranks",
@@ -193,7 +194,9 @@ def format_status(info: dict[str, Any]) -> str:
                 "done": lambda: "done",
                 "killed": lambda: f"killed (no stop recorded; found by the next start): {e.get('redone')} step(s) "
                                   f"trained again from step {e.get('step')} (killed at step {e.get('reached')})",
-                "failed": lambda: f"failed ({e.get('error')}): no final save"}[e["event"]]()
+                "failed": lambda: f"failed ({e.get('error')}): no final save",
+                "hung": lambda: f"{e.get('signal')} on rank {e.get('rank')} ({e.get('cause')}): ended with status {HANG_EXIT}, "
+                                f"no final save; stacks in {e.get('stacks')}"}[e["event"]]()
         out.append(f"  {when}  step {e.get('step'):>8}  {what}")
     if not shown:
         out.append("  (none recorded)")

@@ -15,7 +15,7 @@ import torch
 log = logging.getLogger("preemptible.train")
 
 from preemptible.names import METRICS, PROGRESS  # noqa: F401  (PROGRESS: rewritten every step, no fsync: a kill keeps it)
-ENDS = ("done", "preempted", "failed", "killed")  # events that close a run's segment of metrics.jsonl
+ENDS = ("done", "preempted", "failed", "killed", "hung")  # events that close a run's segment of metrics.jsonl
 
 
 class Metrics:
@@ -86,23 +86,8 @@ class Metrics:
             self._append([{"event": name, **fields, "time": time.time()}])
 
     def _append(self, rows: list[dict]) -> None:
-        # One write() per flush, so a reader never sees half a flush's rows. A reader may still see
-        # the tail of a write in progress (a line without its newline yet): read_metrics skips it.
-        data = "".join(json.dumps(row) + "\n" for row in rows).encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            if not self._checked_tail:
-                # A process killed mid-write can leave a torn last line: end it, so our first row
-                # starts a line of its own instead of gluing onto the torn one.
-                self._checked_tail = True
-                if _ends_torn(self.path):
-                    data = b"\n" + data
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        check, self._checked_tail = not self._checked_tail, True
+        append_rows(self.path, rows, check_tail=check)
         for sink in self.sinks:
             sink(rows)
 
@@ -126,6 +111,32 @@ class Metrics:
             if outcome:
                 self._bar.set_description(f"train: {outcome}")
             self._bar.close()
+
+
+def append_rows(path: str, rows: list[dict], check_tail: bool = True) -> None:
+    """Append rows to a metrics.jsonl: one write() (a reader never sees half of them; it may see
+    the tail of a write in progress, a line without its newline yet, which read_metrics skips)."""
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        # A process killed mid-write can leave a torn last line: end it, so the first row starts a
+        # line of its own instead of gluing onto the torn one.
+        if check_tail and _ends_torn(path):
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_event(run_dir: Union[str, "os.PathLike[str]"], row: dict) -> None:
+    """One event from any rank, outside a Metrics (the watchdog's record of a hang): best effort."""
+    try:
+        append_rows(os.path.join(os.fspath(run_dir), METRICS), [{**row, "time": time.time()}])
+    except OSError:
+        pass
 
 
 def unclean_end(run_dir: Union[str, "os.PathLike[str]"]) -> Optional[int]:

@@ -13,11 +13,14 @@ from preemptible.errors import ConfigError
 from preemptible.observe.metrics import History, read_history, read_metrics
 from preemptible.names import METRICS
 
+ABRUPT = ("killed", "hung", "peer lost")  # ends without a stop's save: the steps after the head are computed again
+
 
 @dataclass
 class Interruption:
     stop_step: Optional[int]     # the step the stop was agreed at (a crash: the last step logged before it)
-    reason: str                  # "SIGTERM", "notice (aws)", "killed" (no stop event: SIGKILL, a crash), ...
+    reason: str                  # "SIGTERM", "notice (aws)", "killed" (no stop event: SIGKILL, a crash),
+                                 # "hung" / "peer lost" (the watchdog ended it), ...
     resume_step: int             # the step the next run resumed from
     lost_seconds: Optional[float]  # wall time from the resume point's first completion to the resumed run's first step, less one step
     save_skipped: bool
@@ -39,7 +42,7 @@ def interruptions(run_dir: Any) -> list[Interruption]:
             last_time, last_step = row.get("time"), row["step"]
             first_done.setdefault(row["step"], row.get("time"))
             continue
-        if row["event"] in ("preempted", "killed", "failed"):
+        if row["event"] in ("preempted", "killed", "failed", "hung"):
             last_stop = {**row, "step": row.get("reached", row["step"])}  # a kill: the step it happened at
         elif row["event"] == "done":
             finished = True
@@ -130,10 +133,10 @@ def _mark_stops_and_resumes(ax: Any, history: History, run_dir: Path, top: float
             ax.axvline(e["step"], color="tab:red", lw=1.2, label=label("stop with checkpoint"))
             note(e["step"], str(e.get("signal")), "tab:red", 0)
     for it in interruptions(run_dir):
-        if it.reason == "killed" and it.stop_step is not None and it.stop_step > it.resume_step:
+        if it.reason in ABRUPT and it.stop_step is not None and it.stop_step > it.resume_step:
             ax.axvspan(it.resume_step, it.stop_step, color="tab:red", alpha=0.12, lw=0,
-                       label=label("killed: steps computed again"))
-            note(it.stop_step, "killed", "darkred", 0)
+                       label=label("killed, hung or peer lost: steps computed again"))
+            note(it.stop_step, it.reason, "darkred", 0)
         ax.axvline(it.resume_step, color="tab:green", ls="--", lw=1.1, label=label("resume"))
         lost = f"lost {it.lost_seconds:.1f}s" if it.lost_seconds is not None else ""
         note(it.resume_step, f"resume@{it.resume_step}" + (f"\n{lost}" if lost else ""), "tab:green", 1)

@@ -9,14 +9,15 @@ import logging
 import time
 from typing import Any
 
-from preemptible import faults
+from preemptible import faults, heartbeat
 from preemptible.stopping import slurm
 from preemptible.checkpoint.writer import Checkpointer
-from preemptible.distributed.env import barrier, exit_run, let_gloo_workers_finish
-from preemptible.errors import CheckpointError
+from preemptible.distributed.env import barrier, exit_run, is_distributed, let_gloo_workers_finish
+from preemptible.errors import CheckpointError, first_line
 from preemptible.observe.lifecycle import LIFECYCLE
 from preemptible.stopping.decision import Stop, exit_status, save_decision, want_requeue
 from preemptible.stopping.vote import reason_name
+from preemptible.stopping.watchdog import peer_lost
 
 log = logging.getLogger("preemptible.run")
 
@@ -30,9 +31,15 @@ class Ending:
         if not self._entered or self.metrics is None or self._left:
             return None
         self._left = True
+        if exc is not None:
+            self._end_if_peer_lost(exc)
         try:
             if exc_type is None:
-                self._finish()
+                try:
+                    self._finish()
+                except Exception as e:
+                    self._end_if_peer_lost(e)
+                    raise
             else:
                 log.error("the loop raised %s: no final save; the last committed checkpoint (%s) stays the "
                           "one to resume from", exc_type.__name__, self.checkpointer.head or "none")
@@ -43,8 +50,17 @@ class Ending:
             self._leave(clean=exc_type is None)
         return None
 
+    def _end_if_peer_lost(self, exc: BaseException) -> None:
+        """A collective failed because a peer died or stopped answering: end this rank as the watchdog
+        does (the record, one line, status 86), before anything else touches the broken group."""
+        if self._ender is not None and is_distributed() and peer_lost(exc):
+            if self._watcher is not None:
+                self._watcher.stop()
+            self._ender.end("peer lost", f"a collective failed: {first_line(exc).split('. ')[0]}", exc)
+
     def _finish(self) -> None:
         cp = self.checkpointer
+        heartbeat.beat(f"the last save, at step {self.step}")
         faults.inject("final_save", self.step)
         if self.stop is None:
             self.last_checkpoint = self._save()
@@ -115,6 +131,8 @@ class Ending:
 
     def _leave(self, clean: bool) -> None:
         self.feed.close()
+        if self._watcher is not None:
+            self._watcher.stop()
         if self.notices is not None:
             self.notices.stop()
         for h in self._hooks:

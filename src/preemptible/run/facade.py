@@ -41,7 +41,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from preemptible import faults
+from preemptible import faults, heartbeat
 from preemptible.checkpoint.writer import Checkpointer
 from preemptible.checks import path as check_path
 from preemptible.distributed.env import barrier, broadcast_object, is_distributed
@@ -60,6 +60,7 @@ from preemptible.run.state import ModelOptimState, PlainValues, params_sha256, s
 from preemptible.stopping.decision import Stop, agreed_stop, end_time
 from preemptible.stopping.options import Stopping
 from preemptible.stopping.vote import NOTICE, Deadline
+from preemptible.stopping.watchdog import Ender, Watchdog, Watcher, check_watchdog
 
 log = logging.getLogger("preemptible.run")
 
@@ -87,6 +88,8 @@ class Run(Resuming, Ending):
     tracker:    an experiment tracker (`preemptible.trackers.TensorBoard`, `WandB`, `MLflow`) or a list
                 of them, fed by rank 0: one tracker run across stops and resumes, each step once.
     report:     `Report(log_every=, log_file=, param_digests=)`: what the run says while it trains.
+    watchdog:   `Watchdog(timeout=)`: a rank that makes no progress (nor sees a peer's) for `timeout`
+                seconds writes its stacks and ends with status 86 (None: off; a lost peer ends it so anyway).
     """
 
     def __init__(self, dir: Any, *, model: Optional[torch.nn.Module] = None, optimizer: Any = None,
@@ -94,7 +97,7 @@ class Run(Resuming, Ending):
                  values: Optional[dict[str, Any]] = None, max_steps: Optional[int] = None, seed: int = 0,
                  checkpoint: Optional[Checkpointer] = None, stopping: Optional[Stopping] = None,
                  ownership: Optional[Ownership] = None, tracker: Any = None, report: Optional[Report] = None,
-                 **moved: Any):
+                 watchdog: Optional[Watchdog] = None, **moved: Any):
         refuse_moved(moved)
         check_path("dir", dir)
         self.dir = Path(dir)
@@ -104,6 +107,7 @@ class Run(Resuming, Ending):
         self._stopping = part("stopping", stopping, Stopping)
         self.ownership = part("ownership", ownership, Ownership)
         self.report = part("report", report, Report)
+        self.watchdog = check_watchdog(watchdog)
         self.handler, self.notices = self._stopping.handler_and_notices()
         if self._stopping.stop_check == "gradients" and not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ConfigError("stop_check=gradients needs a DDP model with more than one rank; use reduce")
@@ -147,6 +151,8 @@ class Run(Resuming, Ending):
         self._detach_lines: Any = None
         self._bytes_final = False
         self._requeue: Optional[bool] = None  # asked once, at the stop
+        self._ender: Optional[Ender] = None      # ends the rank on a hang or a lost peer
+        self._watcher: Optional[Watcher] = None
 
     # -- entering: own, install, resume ---------------------------------------------------------
 
@@ -180,6 +186,7 @@ class Run(Resuming, Ending):
             self.metrics = Metrics(str(self.dir), enabled=self.rank == 0, max_steps=self.max_steps or 0,
                                    log_every=self.report.log_every)
             self._dcp = self._state_for_dcp()
+            self._watch()
             self._check = self._stop_check()
             if self.handler is not None:
                 self.handler.__enter__()  # from here a signal is recorded, during the resume too
@@ -207,6 +214,13 @@ class Run(Resuming, Ending):
             self._abandon_start()
             raise
         return self
+
+    def _watch(self) -> None:
+        """The end on a hang or a lost peer (always), and the watchdog's thread (when asked for)."""
+        self._ender = Ender(self.dir, self.rank, lambda: self.step, self._release, self._wants_requeue)
+        heartbeat.beat("the start: the resume, then the first step")
+        if self.watchdog is not None:
+            self._watcher = Watcher(self.watchdog, self._ender, self.world_size, self._save_seconds).start()
 
     def _own(self) -> None:
         """Rank 0 takes the leases (run dir, and checkpoint dir if outside); every rank learns the outcome."""
@@ -265,6 +279,8 @@ class Run(Resuming, Ending):
         its own files) is removed, so a mistyped argument leaves nothing behind."""
         if self.notices is not None:
             self.notices.stop()
+        if self._watcher is not None:
+            self._watcher.stop()
         if self.handler is not None and getattr(self.handler, "_installed", False):
             self.handler.release()
         self._close_log()
@@ -336,6 +352,9 @@ class Run(Resuming, Ending):
         if self.stopping:
             raise RuntimeError("step_done() after the run agreed to stop; leave the loop (batches() has ended)")
         self.step += 1
+        heartbeat.beat(f"after step {self.step}: the stop check (a collective) and a periodic save")
+        if self._watcher is not None:
+            self._watcher.arm()
         self.feed.check_ahead()
         self.feed.mark_boundary()
         if loss is not None or metrics or self._lr is not None:
@@ -351,6 +370,8 @@ class Run(Resuming, Ending):
             self.last_checkpoint = self._save(wait=False)
         self.checkpointer.poll()
         self._feed.committed(self.checkpointer.last_committed_step)
+        heartbeat.set_phase(f"step {self.step + 1}: the loop's own code (data, forward, backward with DDP's gradient "
+                            "all_reduce, the optimizer)")
         return False
 
     def save_estimate(self) -> tuple[float, str]:
@@ -383,6 +404,7 @@ class Run(Resuming, Ending):
         """The agreed stop check, usable between micro-batches and eval batches (every rank must call
         it equally often). True: leave the loop; the checkpoint holds the last step boundary."""
         self._require_entered("should_stop")
+        heartbeat.beat()
         if not self.stopping and self._check_between():
             self.stop = agreed_stop(self.handler, self.step, self.notices)
             self._mid_step = True
@@ -399,8 +421,14 @@ class Run(Resuming, Ending):
         self.last_checkpoint = self._save()
         return self.last_checkpoint
 
+    def heartbeat(self, phase: Optional[str] = None) -> None:
+        """Progress, for the watchdog: call it now and then in a long phase of your own that does not
+        call should_stop() (an evaluation on one rank, a download); any rank, no collective."""
+        heartbeat.beat(phase)
+
     def _save(self, wait: bool = True) -> Path:
         self._dcp["progress"].check()  # never a checkpoint that no resume could load
+        heartbeat.beat(f"saving step {self.step} (writes, the collectives of the save, the commit)")
         return self.checkpointer.save(self.step, self._dcp, wait=wait)
 
     def _require_entered(self, what: str) -> None:

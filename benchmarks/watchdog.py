@@ -1,0 +1,102 @@
+"""What the watchdog costs a training loop: throughput with it on against off, in one run.
+
+    python benchmarks/watchdog.py [--world 2] [--rounds 12] [--steps 30]
+
+N gloo ranks (spawned) run the reference recipe's GPT under DDP inside `preemptible.Run` loops.
+Each round makes two Runs one after the other, one with `Watchdog(timeout=10)` (its thread polls
+every second, each rank writes its beat file, the progress clock is read) and one without, in an
+order that alternates by round, and times their steps after the first (the start, the resume and
+the last save are not the loop's throughput). Printed: the median step time of each, and the
+median over rounds of off / on (target: >= 0.99).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))  # the recipe's building blocks
+
+
+def _rank_main(rank: int, world: int, port: int, rounds: int, steps: int, root: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import preemptible
+    from finetune_parts.data import make_batches
+    from finetune_parts.model import GPT
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(GPT(block_size=64, n_layer=6, n_head=4, n_embd=64, dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = make_batches(rank, world, seed=0, block_size=64, max_bytes=1_000_000, batch_size=8)
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    for r in range(rounds + 1):  # round 0 warms both paths up
+        for mode in (("on", "off") if r % 2 else ("off", "on")):
+            run = preemptible.Run(Path(root) / f"{r}-{mode}", model=model, optimizer=opt, data=batches,
+                                  max_steps=steps, checkpoint=preemptible.Checkpointer(interval=0, resume="never"),
+                                  stopping=preemptible.Stopping(notices=None, slurm_time_limit=False),
+                                  watchdog=preemptible.Watchdog(timeout=10) if mode == "on" else None)
+            with run:
+                t0 = None
+                for x, y in run.batches():
+                    loss = model(x, y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    run.step_done(loss=loss)
+                    if t0 is None:
+                        t0 = time.perf_counter()
+                elapsed = (time.perf_counter() - t0) / (steps - 1)
+            if r:
+                times[mode].append(elapsed)
+    if rank == 0:
+        (Path(root) / "times.json").write_text(json.dumps(times))
+    dist.barrier()
+    del model
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    import torch.multiprocessing as mp
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=30)
+    a = ap.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as root:
+        mp.start_processes(_rank_main, args=(a.world, port, a.rounds, a.steps, root), nprocs=a.world,
+                           start_method="spawn")
+        times = json.loads((Path(root) / "times.json").read_text())
+    ratios = [off / on for off, on in zip(times["off"], times["on"])]
+    print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; {a.world} gloo ranks, DDP, "
+          f"the recipe's GPT (6 layers, 64 wide); {a.rounds} rounds of two Runs x {a.steps} steps, order alternating")
+    print("| watchdog | median step (ms) |")
+    print("|---|---|")
+    for mode in ("off", "on"):
+        print(f"| {mode} | {1000 * statistics.median(times[mode]):.2f} |")
+    print(f"throughput on / off: median over rounds {statistics.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}); target >= 0.99")
+
+
+if __name__ == "__main__":
+    main()
