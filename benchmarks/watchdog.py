@@ -1,13 +1,14 @@
 """What the watchdog costs a training loop: throughput with it on against off, in one run.
 
-    python benchmarks/watchdog.py [--world 2] [--rounds 12] [--steps 30]
+    python benchmarks/watchdog.py [--world 2] [--rounds 12] [--steps 30] [--control]
 
 N gloo ranks (spawned) run the reference recipe's GPT under DDP inside `preemptible.Run` loops.
 Each round makes two Runs one after the other, one with `Watchdog(timeout=10)` (its thread polls
 every second, each rank writes its beat file, the progress clock is read) and one without, in an
 order that alternates by round, and times their steps after the first (the start, the resume and
 the last save are not the loop's throughput). Printed: the median step time of each, and the
-median over rounds of off / on (target: >= 0.99).
+median over rounds of off / on (target: >= 0.99). --control runs both halves without it: what
+the method itself reads when nothing differs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))  # the recipe's building blocks
 
 
-def _rank_main(rank: int, world: int, port: int, rounds: int, steps: int, root: str) -> None:
+def _rank_main(rank: int, world: int, port: int, rounds: int, steps: int, root: str, control: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -46,13 +47,16 @@ def _rank_main(rank: int, world: int, port: int, rounds: int, steps: int, root: 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = make_batches(rank, world, seed=0, block_size=64, max_bytes=1_000_000, batch_size=8)
     times: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: list[float] = []   # CPU seconds of each watchdog thread
+    wall: list[float] = []  # seconds each lived
     for r in range(rounds + 1):  # round 0 warms both paths up
         for mode in (("on", "off") if r % 2 else ("off", "on")):
             run = preemptible.Run(Path(root) / f"{r}-{mode}", model=model, optimizer=opt, data=batches,
                                   max_steps=steps, checkpoint=preemptible.Checkpointer(interval=0, resume="never"),
                                   stopping=preemptible.Stopping(notices=None, slurm_time_limit=False),
-                                  watchdog=preemptible.Watchdog(timeout=10) if mode == "on" else None)
+                                  watchdog=preemptible.Watchdog(timeout=10) if mode == "on" and not control else None)
             with run:
+                run._entered_at_monotonic = time.perf_counter()
                 t0 = None
                 for x, y in run.batches():
                     loss = model(x, y)
@@ -63,10 +67,15 @@ def _rank_main(rank: int, world: int, port: int, rounds: int, steps: int, root: 
                     if t0 is None:
                         t0 = time.perf_counter()
                 elapsed = (time.perf_counter() - t0) / (steps - 1)
+                if r and run._watcher is not None:  # the watchdog thread's own CPU time, from /proc
+                    stat = Path(f"/proc/self/task/{run._watcher._thread.native_id}/stat").read_text()
+                    ticks = sum(int(v) for v in stat.rsplit(")", 1)[1].split()[11:13])
+                    cpu.append(ticks / os.sysconf("SC_CLK_TCK"))
+                    wall.append(time.perf_counter() - run._entered_at_monotonic)
             if r:
                 times[mode].append(elapsed)
     if rank == 0:
-        (Path(root) / "times.json").write_text(json.dumps(times))
+        (Path(root) / "times.json").write_text(json.dumps({**times, "cpu": [sum(cpu)], "wall": [sum(wall)]}))
     dist.barrier()
     del model
     dist.destroy_process_group()
@@ -79,21 +88,27 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--control", action="store_true", help="both halves without the watchdog: the method's own bias")
     a = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as root:
-        mp.start_processes(_rank_main, args=(a.world, port, a.rounds, a.steps, root), nprocs=a.world,
+        mp.start_processes(_rank_main, args=(a.world, port, a.rounds, a.steps, root, a.control), nprocs=a.world,
                            start_method="spawn")
         times = json.loads((Path(root) / "times.json").read_text())
     ratios = [off / on for off, on in zip(times["off"], times["on"])]
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; {a.world} gloo ranks, DDP, "
           f"the recipe's GPT (6 layers, 64 wide); {a.rounds} rounds of two Runs x {a.steps} steps, order alternating")
+    if a.control:
+        print("CONTROL: the 'on' half runs without the watchdog too")
     print("| watchdog | median step (ms) |")
     print("|---|---|")
     for mode in ("off", "on"):
         print(f"| {mode} | {1000 * statistics.median(times[mode]):.2f} |")
+    if not a.control:
+        print(f"the watchdog threads' own CPU time (rank 0, /proc): {times['cpu'][0]:.3f} s over {times['wall'][0]:.1f} s "
+              f"of training ({100 * times['cpu'][0] / times['wall'][0]:.3f} %; the clock's resolution is 0.01 s)")
     print(f"throughput on / off: median over rounds {statistics.median(ratios):.3f} "
           f"(min {min(ratios):.3f}, max {max(ratios):.3f}); target >= 0.99")
 

@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import sys
 import time
 import traceback
 
@@ -31,16 +32,32 @@ def _entry(rank, fn, world_size, port, outdir, args):
         dist.destroy_process_group()
 
 
+def start_ranks(fn, world_size, tmpdir, *args, stdout=None):
+    """Start fn(rank, world_size, *args) on `world_size` gloo ranks, each forked from the tests'
+    pre-imported zygote (a spawned interpreter would pay seconds of imports per rank); a list of
+    Popen-like processes (tests/zygote.py), each writing to this process's stdout and stderr."""
+    from zygote import Forked
+
+    port = free_port()
+    return [Forked([sys.argv[0], f"rank{r}"], dict(os.environ), os.getcwd(), new_session=False, stdout=stdout,
+                   call=(_entry, (r, fn, world_size, port, str(tmpdir), args))) for r in range(world_size)]
+
+
 def run_ranks(fn, world_size, tmpdir, *args, timeout=120):
-    """Run fn(rank, world_size, *args) on `world_size` spawned gloo ranks; list of results."""
-    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), str(tmpdir), args),
-                             nprocs=world_size, join=False, start_method="spawn")
+    """Run fn(rank, world_size, *args) on `world_size` gloo ranks; list of results."""
+    procs = start_ranks(fn, world_size, tmpdir, *args)
     deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"ranks did not finish within {timeout}s")
+    try:
+        for r, p in enumerate(procs):
+            try:
+                code = p.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                raise TimeoutError(f"ranks did not finish within {timeout}s") from None
+            if code != 0:
+                raise AssertionError(f"rank {r} exited with status {code} (its traceback is in the output above)")
+    finally:
+        for p in procs:
+            p.kill()
     results = []
     for r in range(world_size):
         with open(os.path.join(tmpdir, f"rank{r}.json")) as f:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from distributed_helpers import free_port
+from zygote import Forked
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "finetune.py"
@@ -35,11 +36,17 @@ def command(run_dir, *overrides, nproc=1, nnodes=1, node_rank=0, port=None, laun
     return launcher + args
 
 
-def start(run_dir, *overrides, nproc=1, env=None, **kw):
+def start(run_dir, *overrides, nproc=1, env=None, fresh=False, **kw):
+    """The recipe in a process of its own. One process (plain python) is forked from the tests'
+    pre-imported zygote unless `fresh` (a test of the start itself: signals during the imports)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     started = time.time()
-    proc = subprocess.Popen(command(run_dir, *overrides, nproc=nproc, **kw), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = command(run_dir, *overrides, nproc=nproc, **kw)
+    if cmd[0] == sys.executable and cmd[1] == str(RECIPE) and not fresh:
+        proc = Forked(cmd[1:], env, str(REPO))
+    else:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
     proc.started_at = started  # wait_for_step: a progress record older than this is an earlier run's
     return proc
 

@@ -272,9 +272,10 @@ def test_bad_input_is_one_line_and_leaves_everything_as_it_was(bad_input_env, ba
 
 
 def test_random_preemptions_lose_nothing(tmp_path):
-    """The CI subset of tests/faults/chaos.py (the full run: 24 interruptions, one command): 3 ranks,
-    a concurrent second run and going back forced in, then random interruptions."""
+    """The CI subset of tests/faults/chaos.py (the full run: 24 interruptions, one command): 2 ranks
+    (3 and 4 are tested by test_reliability's exact stop and resume; a third torchrun worker here
+    costs a minute on 2 cores), a concurrent second run and going back forced in."""
     sys.path.insert(0, os.path.dirname(__file__))
     from chaos import chaos
-    summary = chaos(tmp_path, interruptions=3, seed=3, steps=60, nproc=3, kinds=("second_run", "go_back"))
+    summary = chaos(tmp_path, interruptions=3, seed=3, steps=60, nproc=2, kinds=("second_run", "go_back"))
     assert summary["interruptions"] == 3

@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 from distributed_helpers import free_port
+from zygote import run_python
 
 _GLOO_WORLD_OF_ONE = """
 import os, torch, torch.distributed as dist
@@ -97,7 +98,7 @@ def test_late_term_and_int_after_a_finished_run_end_it_with_its_own_status(tmp_p
                 late()
             run.exit()
         """)
-        proc = _run(code)
+        proc = run_python(["-c", code], timeout=120)  # behaviour, not a fresh interpreter's finalization
         assert proc.returncode == 0, (when, proc.returncode, proc.stderr[-2000:])
 
 
@@ -121,8 +122,8 @@ def test_lifecycle_lines_on_stderr_with_no_logging_configured_and_silenced_on_re
     """No logging set up: a stop, a resume, the end and running a finished run again each say so in
     a line on stderr; configuring logging (or a level for 'preemptible') is the way to silence them."""
     def go(steps, mode, setup=""):
-        proc = subprocess.run([sys.executable, "-c", LIFECYCLE_LOOP.format(setup=setup), str(tmp_path / "run"),
-                               str(steps), mode], capture_output=True, text=True, timeout=120)
+        proc = run_python(["-c", LIFECYCLE_LOOP.format(setup=setup), str(tmp_path / "run"), str(steps), mode],
+                          timeout=120)
         return proc.returncode, proc.stderr
 
     code, err = go(6, "term")

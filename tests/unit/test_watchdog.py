@@ -15,6 +15,7 @@ import torch
 import preemptible
 from preemptible import ConfigError, Run, Watchdog
 from preemptible.stopping.watchdog import HANG_EXIT, peer_lost
+from zygote import run_python
 
 LOOP = Path(__file__).resolve().parents[1] / "scripts" / "watchdog_loop.py"
 
@@ -23,8 +24,7 @@ def loop(run_dir, limit=120, **opts):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    p = subprocess.run([sys.executable, str(LOOP), str(run_dir), json.dumps(opts)], env=env, capture_output=True,
-                       text=True, timeout=limit)
+    p = run_python([str(LOOP), str(run_dir), json.dumps(opts)], timeout=limit, env=env)
     return p.returncode, p.stdout + p.stderr
 
 
@@ -87,9 +87,9 @@ def test_no_thread_without_a_watchdog_and_one_with(tmp_path):
 
 
 def test_a_hang_writes_stacks_ends_86_and_the_same_command_resumes(tmp_path):
-    """auto with a 1 s floor: a 3 s first step (compilation) and a 3 s evaluation that calls
+    """auto with a 1 s floor: a 2.5 s first step (compilation) and a 2.5 s evaluation that calls
     should_stop() between batches are no false alarm; a freeze at step 14 is, within seconds."""
-    opts = dict(timeout="auto", floor=1.0, first_step_sleep=3, eval_at=5, eval_seconds=3, interval=10, steps=30)
+    opts = dict(timeout="auto", floor=1.0, first_step_sleep=2.5, eval_at=5, eval_seconds=2.5, interval=10, steps=30)
     code, out = loop(tmp_path, hang_at=14, **opts)
     assert code == HANG_EXIT, out
     hung = events(tmp_path, "hung")
