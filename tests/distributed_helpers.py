@@ -8,7 +8,6 @@ import time
 import traceback
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 
 def free_port() -> int:

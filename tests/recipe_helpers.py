@@ -143,6 +143,13 @@ def interrupt_at(run_dir, step, *overrides, sig=signal.SIGTERM, nproc=1, rank=No
     return proc.returncode, out
 
 
+def exit_codes(torchrun_output):
+    """Every worker's exit status, from torchrun's failure report (torchrun itself exits 1 then)."""
+    import re
+
+    return [int(c) for c in re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", torchrun_output, re.M)]
+
+
 def run_many(cases, timeout=600):
     """[(run_dir, [overrides], {env})] -> [(exit status, output)], every case run by the real recipe's
     main() in ONE process (tests/scripts/recipe_batch.py): for cases that fail at start, whose point

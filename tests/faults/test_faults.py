@@ -120,7 +120,8 @@ def test_signal_during_start_up_loses_nothing(tmp_path, finished):
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    proc = start(run_dir, f"trainer.max_steps={STEPS + 10}", "checkpoint.interval=10", "checkpoint.keep=4")
+    proc = start(run_dir, f"trainer.max_steps={STEPS + 10}", "checkpoint.interval=10", "checkpoint.keep=4",
+                 fresh=True)  # a new interpreter: the test is about its seconds of imports
     time.sleep(0.5)  # still importing torch: held (preemptible.early), honoured once the run is up
     os.kill(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)

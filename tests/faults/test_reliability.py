@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REFERENCE_STEPS
-from recipe_helpers import (REPO, events, interrupt_at, losses, run, start, wait_for_step,
+from recipe_helpers import (REPO, events, exit_codes, interrupt_at, losses, run, start, wait_for_step,
                             worker_pids_by_rank)
 from preemptible.checkpoint import storage
 from preemptible.checkpoint.writer import COMMIT, marker_checksum, why_invalid
@@ -31,11 +31,6 @@ STEPS = REFERENCE_STEPS  # `reference[nproc]` (conftest.py): uninterrupted, chec
 
 def digest(run_dir):
     return events(run_dir, "done")[-1]["params_sha256"]
-
-
-def exit_codes(torchrun_output):
-    """Every worker's exit status, from torchrun's failure report."""
-    return [int(c) for c in re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", torchrun_output, re.M)]
 
 
 # ----------------------------------------------------------------------------- 1. signals

@@ -104,3 +104,22 @@ def test_a_busy_peer_is_no_false_alarm(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert not list((tmp_path / "watchdog").glob("stacks-*"))
     assert not [r for r in rows(tmp_path) if r.get("event") == "hung"]
+
+
+def test_without_the_thread_the_process_groups_timeout_bounds_a_hang(tmp_path):
+    """watchdog off, init_distributed(timeout=3): rank 1 freezes in its own code; rank 0's next
+    collective fails after the process group's 3 s, and the rank ends as on a lost peer (86)."""
+    procs = tasks(tmp_path, {"watchdog": False, "group_timeout": 3, "steps": 400, "hang_at": 8, "hang_rank": 1,
+                             "interval": 5})
+    try:
+        out, _ = procs[0].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == HANG_EXIT, out
+    hung = [r for r in rows(tmp_path) if r.get("event") == "hung"]
+    assert [(h["rank"], h["signal"]) for h in hung] == [(0, "peer lost")], out
+    assert "timed out" in hung[0]["cause"].lower() or "timeout" in hung[0]["cause"].lower(), hung
+    assert not (tmp_path / "watchdog").exists() or not list((tmp_path / "watchdog").glob("rank*"))  # no thread
+    assert_nothing_half_written(tmp_path)

@@ -55,3 +55,20 @@ def test_odd_rows_are_left_out_not_a_traceback(tmp_path):
     (tmp_path / "metrics.jsonl").open("a").write("[1, 2]\n42\n")
     assert interruptions(tmp_path) == []
     assert plot_run(tmp_path).is_file()
+
+
+def test_a_hang_and_a_lost_peer_are_their_own_kind_of_end(tmp_path):
+    """The watchdog's `hung` events (two ranks may each write one) close a segment like a kill, at
+    the step reached; the plot marks them with the steps computed again."""
+    t = 2000.0
+    rows = [{"step": s, "loss": 3.0, "time": t + s} for s in range(1, 15)]
+    rows += [{"event": "hung", "step": 14, "reached": 14, "signal": "hung", "rank": 0, "time": t + 30},
+             {"event": "hung", "step": 14, "reached": 14, "signal": "hung", "rank": 1, "time": t + 30.5}]
+    rows += [{"event": "resumed", "step": 10, "time": t + 40}]
+    rows += [{"step": s, "loss": 3.0, "time": t + 30 + s} for s in range(11, 18)]
+    rows += [{"event": "hung", "step": 17, "reached": 17, "signal": "peer lost", "rank": 1, "time": t + 48}]
+    rows += [{"event": "resumed", "step": 15, "time": t + 60}, {"step": 16, "loss": 3.0, "time": t + 61}]
+    _write(tmp_path, rows)
+    found = interruptions(tmp_path)
+    assert [(i.reason, i.stop_step, i.resume_step) for i in found] == [("hung", 14, 10), ("peer lost", 17, 15)]
+    assert plot_run(tmp_path, tmp_path / "x.png").is_file()
