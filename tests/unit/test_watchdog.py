@@ -64,7 +64,9 @@ def test_the_process_groups_timeout_follows_the_setting():
     (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1"), True),
     (RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation"), True),
     (RuntimeError("NCCL communicator was aborted on rank 1"), True),
-    (RuntimeError("Connection reset by peer"), True),
+    (RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1941: Connection reset by peer"), True),
+    (ConnectionResetError("Connection reset by peer"), False),  # a download's, not a collective's
+    (RuntimeError("the download failed: Connection reset by peer"), False),
     (RuntimeError("CUDA out of memory"), False),
     (ValueError("the data loader timed out"), False),  # a timeout, but not a collective's
     (KeyboardInterrupt(), False),

@@ -72,16 +72,20 @@ class Watchdog:
 
 
 def peer_lost(exc: BaseException) -> bool:
-    """Whether `exc` says a collective failed because a peer is gone or stopped answering."""
-    names = {type(e).__name__ for e in _chain(exc)}
-    if names & {"DistBackendError", "DistNetworkError", "DistStoreError"}:
-        return True
-    text = " ".join(str(e) for e in _chain(exc)).lower()
-    if any(s in text for s in ("connection closed by peer", "connection reset by peer", "pair closure",
-                               "ncclremoteerror", "ncclsystemerror", "nccl communicator was aborted")):
-        return True
-    return ("gloo" in text or "nccl" in text) and any(s in text for s in ("timed out", "timeout", "broken pipe",
-                                                                        "read error", "write error"))
+    """Whether `exc` says a collective failed because a peer is gone or stopped answering: torch's
+    distributed error types, or a RuntimeError from gloo or NCCL saying so (a user's own
+    "connection reset by peer", from a download say, is not one)."""
+    for e in _chain(exc):
+        if type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"):
+            return True
+        text = str(e).lower()
+        if not isinstance(e, RuntimeError) or not any(k in text for k in ("gloo", "nccl", "c10d")):
+            continue
+        if any(s in text for s in ("connection closed by peer", "connection reset by peer", "pair closure",
+                                   "timed out", "timeout", "broken pipe", "read error", "write error",
+                                   "remote", "aborted", "ncclsystemerror")):
+            return True
+    return False
 
 
 def _chain(exc: Optional[BaseException]) -> list[BaseException]:
