@@ -1,6 +1,6 @@
 """What the watchdog costs a training loop: throughput with it on against off, in one run.
 
-    python benchmarks/watchdog.py [--world 2] [--rounds 12] [--steps 30] [--control]
+    python benchmarks/watchdog.py [--world 2] [--rounds 12] [--steps 30] [--control] [--blocks]
 
 N gloo ranks (spawned) run the reference recipe's GPT under DDP inside `preemptible.Run` loops.
 Each round makes two Runs one after the other, one with `Watchdog(timeout=10)` (its thread polls
@@ -81,6 +81,62 @@ def _rank_main(rank: int, world: int, port: int, rounds: int, steps: int, root: 
     dist.destroy_process_group()
 
 
+def _blocks_main(rank: int, world: int, port: int, rounds: int, steps: int, root: str, control: bool) -> None:
+    """One Run with a watchdog; its thread is stopped and started again between blocks of steps, so
+    the two halves differ in the thread alone (the progress clock is written either way)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import preemptible
+    from finetune_parts.data import make_batches
+    from finetune_parts.model import GPT
+    from preemptible.stopping.watchdog import Watcher
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(GPT(block_size=64, n_layer=6, n_head=4, n_embd=64, dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = make_batches(rank, world, seed=0, block_size=64, max_bytes=1_000_000, batch_size=8)
+    run = preemptible.Run(Path(root) / "blocks", model=model, optimizer=opt, data=batches,
+                          max_steps=(2 * rounds + 2) * steps + 1,
+                          checkpoint=preemptible.Checkpointer(interval=0, resume="never"),
+                          stopping=preemptible.Stopping(notices=None, slurm_time_limit=False),
+                          watchdog=preemptible.Watchdog(timeout=10))
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    with run:
+        order = [m for r in range(rounds + 1) for m in (("on", "off") if r % 2 else ("off", "on"))]
+        it = iter(run.batches())
+        for i, mode in enumerate(order):
+            running = run._watcher._thread is not None
+            if (mode == "on" and not control) != running:
+                if running:
+                    run._watcher.stop()
+                else:
+                    run._watcher = Watcher(run.watchdog, run._ender, run.world_size, run._save_seconds).start()
+                    run._watcher.arm()
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                x, y = next(it)
+                loss = model(x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                run.step_done(loss=loss)
+            if i >= 2:  # round 0 warms up
+                times[mode].append((time.perf_counter() - t0) / steps)
+        for _ in it:
+            run.step_done()
+    if rank == 0:
+        (Path(root) / "times.json").write_text(json.dumps({**times, "cpu": [0.0], "wall": [1.0]}))
+    dist.barrier()
+    del model
+    dist.destroy_process_group()
+
+
 def main() -> None:
     import torch.multiprocessing as mp
 
@@ -89,24 +145,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--control", action="store_true", help="both halves without the watchdog: the method's own bias")
+    ap.add_argument("--blocks", action="store_true", help="one Run; the watchdog's thread stopped and started "
+                    "between blocks of --steps steps (--rounds pairs of blocks): the tighter comparison")
     a = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as root:
-        mp.start_processes(_rank_main, args=(a.world, port, a.rounds, a.steps, root, a.control), nprocs=a.world,
+        mp.start_processes(_blocks_main if a.blocks else _rank_main, args=(a.world, port, a.rounds, a.steps, root, a.control), nprocs=a.world,
                            start_method="spawn")
         times = json.loads((Path(root) / "times.json").read_text())
     ratios = [off / on for off, on in zip(times["off"], times["on"])]
+    what = (f"one Run, {a.rounds} rounds of two blocks x {a.steps} steps (the thread stopped / started between "
+            "blocks)" if a.blocks else f"{a.rounds} rounds of two Runs x {a.steps} steps")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; {a.world} gloo ranks, DDP, "
-          f"the recipe's GPT (6 layers, 64 wide); {a.rounds} rounds of two Runs x {a.steps} steps, order alternating")
+          f"the recipe's GPT (6 layers, 64 wide); {what}, order alternating")
     if a.control:
         print("CONTROL: the 'on' half runs without the watchdog too")
     print("| watchdog | median step (ms) |")
     print("|---|---|")
     for mode in ("off", "on"):
         print(f"| {mode} | {1000 * statistics.median(times[mode]):.2f} |")
-    if not a.control:
+    if not a.control and not a.blocks:
         print(f"the watchdog threads' own CPU time (rank 0, /proc): {times['cpu'][0]:.3f} s over {times['wall'][0]:.1f} s "
               f"of training ({100 * times['cpu'][0] / times['wall'][0]:.3f} %; the clock's resolution is 0.01 s)")
     print(f"throughput on / off: median over rounds {statistics.median(ratios):.3f} "
