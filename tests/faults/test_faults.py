@@ -210,6 +210,8 @@ BAD_INPUT = [
     ("lr_schedule.warmup_steps=-3", ["lr_schedule.warmup_steps=-3"], {}, FRESH),  # a factory the recipe calls
     ("trainer.device=tpu", ["trainer.device='tpu'"], {}, FRESH),                 # the process group's set-up
     ("ownership.stale_after=0", ["ownership.stale_after=0"], {}, FRESH),
+    ("checkpoint.interval=sometimes", ["checkpoint.interval='sometimes'; expected an int >= 0"], {}, FRESH),
+    ("checkpoint.interrupt_every=0", ["checkpoint.interrupt_every=0; expected seconds > 0"], {}, FRESH),
     ("watchdog.timeout=0", ["watchdog.timeout=0; expected seconds > 0 (or 'auto')"], {}, FRESH),
     ("watchdog.timeout=soon", ["watchdog.timeout='soon'"], {}, FRESH),
     ("watchdog.factor=0.5", ["watchdog.factor=0.5"], {}, FRESH),

@@ -123,3 +123,17 @@ def test_without_the_thread_the_process_groups_timeout_bounds_a_hang(tmp_path):
     assert "timed out" in hung[0]["cause"].lower() or "timeout" in hung[0]["cause"].lower(), hung
     assert not (tmp_path / "watchdog").exists() or not list((tmp_path / "watchdog").glob("rank*"))  # no thread
     assert_nothing_half_written(tmp_path)
+
+
+def test_interval_auto_saves_at_the_same_steps_on_every_rank(tmp_path):
+    """checkpoint interval='auto' at 2 ranks: rank 0 chooses, both save at its steps (a rank saving
+    alone would hang its collective), every checkpoint is committed and verified."""
+    procs = tasks(tmp_path, {"interval": "auto", "interrupt_every": 0.5, "steps": 60, "step_sleep": 0.01,
+                             "timeout": 20})
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    chosen = [r for r in rows(tmp_path) if r.get("event") == "interval"]
+    assert chosen and chosen[0]["step"] == 3, chosen
+    steps = sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert steps[-1] == 60
+    assert_nothing_half_written(tmp_path)

@@ -29,7 +29,8 @@ opt = torch.optim.SGD(model.parameters(), lr=0.01)
 watchdog = preemptible.Watchdog(timeout=opts.get("timeout", "auto"), floor=opts.get("floor", 60.0))
 batches = (torch.randn(4, 8) for _ in iter(int, 1))  # drawn from torch's RNG: Run restores it on a resume
 run = preemptible.Run(run_dir, model=model, optimizer=opt, data=batches, max_steps=opts.get("steps", 40),
-                      checkpoint=preemptible.Checkpointer(interval=opts.get("interval", 10)),
+                      checkpoint=preemptible.Checkpointer(interval=opts.get("interval", 10),
+                                                          interrupt_every=opts.get("interrupt_every")),
                       watchdog=watchdog if opts.get("watchdog", True) else None)
 
 

@@ -81,7 +81,11 @@ def _write_speed(probe: Path, durable: bool) -> float:
 class Checkpointer(Finding):
     """Save, commit, prune and find checkpoints under `dir` (default: `<run dir>/checkpoints`).
 
-    interval: save every N steps (0: only on a stop signal and at the end).
+    interval: save every N steps (0: only on a stop signal and at the end), or 'auto': the interval
+              that minimises the expected lost time from the measured cost of a save and the
+              expected time between interruptions (Daly's rule; `preemptible.checkpoint.interval`).
+    interrupt_every: with interval='auto', seconds expected between interruptions (None: learned
+              from the run directory's history of stops, kills and hangs; 3600 until there is one).
     keep:     committed checkpoints of the run's line kept (>= 1); older ones pruned after a newer commit.
     resume:   'auto' (the head, or the newest valid checkpoint of its line), 'never' (start fresh;
               refused where committed checkpoints exist), or a checkpoint directory path (start a
@@ -112,8 +116,12 @@ class Checkpointer(Finding):
     def __init__(self, dir: Optional[str] = None, interval: int = 100, keep: int = 2, resume: str = "auto",
                  async_save: bool = False, write_threads: int = 2, fsync: bool = True, writeback_mib: int = 8,
                  zip_crc32: bool = False, verify: bool = True, keep_abandoned: bool = True,
-                 local_dir: Optional[str] = None, meta: Optional[dict[str, Any]] = None):
-        number("interval", interval, integer=True, hint="0 = only on stop and at the end")
+                 local_dir: Optional[str] = None, meta: Optional[dict[str, Any]] = None,
+                 interrupt_every: Optional[float] = None):
+        if not (isinstance(interval, str) and interval == "auto"):
+            number("interval", interval, integer=True, hint="0 = only on stop and at the end, or 'auto'")
+        number("interrupt_every", interrupt_every, strict=True, none_ok=True, unit="seconds",
+               hint="null = learned from the run directory's history")
         number("keep", keep, low=1, integer=True, hint="the newest committed checkpoints kept")
         number("write_threads", write_threads, low=1, integer=True)
         number("writeback_mib", writeback_mib, integer=True, hint="0 = flush only at the final fsync")
@@ -136,6 +144,7 @@ class Checkpointer(Finding):
         self.uploader: Optional[Uploader] = None
         self.remote_owner_check: Any = None  # () -> None, raises if this run lost the remote prefix
         self.dir, self.interval, self.keep, self.resume = dir, interval, keep, resume
+        self.interrupt_every = interrupt_every
         self.async_save, self.write_threads = async_save, write_threads
         self.fsync, self.writeback_mib, self.zip_crc32 = fsync, writeback_mib, zip_crc32
         self.verify, self.keep_abandoned = verify, keep_abandoned
@@ -186,7 +195,7 @@ class Checkpointer(Finding):
         return self
 
     def due(self, step: int) -> bool:
-        return self.interval > 0 and step % self.interval == 0
+        return self.interval != "auto" and self.interval > 0 and step % self.interval == 0  # auto: Run's schedule
 
     def path_for(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"

@@ -54,9 +54,10 @@ from preemptible.observe.trackers import TrackerFeed
 from preemptible.ownership.lease import Ownership, RunLease
 from preemptible.run.ending import Ending
 from preemptible.run.resuming import Resuming
+from preemptible.run.saving import Saving
 from preemptible.run.feed import Feed
 from preemptible.run.parts import Progress, RankState, check_training_objects, part, refuse_moved
-from preemptible.run.state import ModelOptimState, PlainValues, params_sha256, state_nbytes
+from preemptible.run.state import ModelOptimState, PlainValues, params_sha256
 from preemptible.stopping.decision import Stop, agreed_stop, end_time
 from preemptible.stopping.options import Stopping
 from preemptible.stopping.vote import NOTICE, Deadline
@@ -64,11 +65,7 @@ from preemptible.stopping.watchdog import Ender, Watchdog, Watcher, check_watchd
 
 log = logging.getLogger("preemptible.run")
 
-SAVE_OVERHEAD = 0.5  # seconds a save costs beyond writing its bytes (collectives, metadata, the commit)
-DEFAULT_WRITE_SPEED = 100e6  # bytes/s assumed where the write-speed probe at start could not run
-
-
-class Run(Resuming, Ending):
+class Run(Resuming, Saving, Ending):
     """A training run that survives preemption: see the module docstring and docs/api.md.
 
     dir:        the run directory (created if missing; one run owns it at a time).
@@ -151,6 +148,7 @@ class Run(Resuming, Ending):
         self._detach_lines: Any = None
         self._bytes_final = False
         self._requeue: Optional[bool] = None  # asked once, at the stop
+        self._schedule: Any = None  # checkpoint interval='auto': when saves are due
         self._ender: Optional[Ender] = None      # ends the rank on a hang or a lost peer
         self._watcher: Optional[Watcher] = None
 
@@ -201,6 +199,7 @@ class Run(Resuming, Ending):
             self.metrics.sinks.append(early_rows.extend)
             self._resume()
             self._record_kill()  # a kill with nothing to resume from (no checkpoint yet)
+            self._schedule_saves()
             self.metrics.sinks.remove(early_rows.extend)
             if self.rank == 0 and self._feed.trackers:
                 self._feed.start(self.dir, self.step if self.resumed_from else None, self.checkpointer.meta.get("config"),
@@ -366,39 +365,12 @@ class Run(Resuming, Ending):
         if self._check():
             self.stop = agreed_stop(self.handler, self.step, self.notices)
             return True
-        if self.checkpointer.due(self.step):
-            self.last_checkpoint = self._save(wait=False)
+        self._periodic_save()
         self.checkpointer.poll()
         self._feed.committed(self.checkpointer.last_committed_step)
         heartbeat.set_phase(f"step {self.step + 1}: the loop's own code (data, forward, backward with DDP's gradient "
                             "all_reduce, the optimizer)")
         return False
-
-    def save_estimate(self) -> tuple[float, str]:
-        """(seconds, basis): how long a save takes. The last measured save; else `save_guess` if
-        given; else this rank's state bytes at the write speed measured when the run started, plus
-        a fixed SAVE_OVERHEAD (the collectives, the commit)."""
-        cp = self.checkpointer
-        seconds = self._save_seconds()
-        if cp.last_save_seconds is not None:
-            return seconds, "the last save took that long"
-        if self._stopping.save_guess is not None:
-            return seconds, "save_guess"
-        speed = cp.write_bytes_per_s or DEFAULT_WRITE_SPEED
-        return seconds, (f"no save timed yet: {self._state_bytes / 2**20:.1f} MiB at the {speed / 2**20:.0f} MiB/s "
-                         "measured at start")
-
-    def _save_seconds(self) -> float:
-        """save_estimate()'s seconds alone (read every step while a time limit is set)."""
-        cp = self.checkpointer
-        if cp.last_save_seconds is not None:
-            return cp.last_save_seconds
-        if self._stopping.save_guess is not None:
-            return float(self._stopping.save_guess)
-        if self._state_bytes is None or not self._bytes_final:  # final once the optimizer holds its state
-            self._state_bytes = state_nbytes(self.model, self.optimizer)
-            self._bytes_final = self.optimizer is None or bool(self.optimizer.state)
-        return SAVE_OVERHEAD + self._state_bytes / (cp.write_bytes_per_s or DEFAULT_WRITE_SPEED)
 
     def should_stop(self) -> bool:
         """The agreed stop check, usable between micro-batches and eval batches (every rank must call
@@ -415,21 +387,10 @@ class Run(Resuming, Ending):
         self._require_entered("event")
         self.metrics.event(name, step=self.step, **fields)
 
-    def save(self) -> Path:
-        """Save now and wait for the commit (collective: every rank calls it)."""
-        self._require_entered("save")
-        self.last_checkpoint = self._save()
-        return self.last_checkpoint
-
     def heartbeat(self, phase: Optional[str] = None) -> None:
         """Progress, for the watchdog: call it now and then in a long phase of your own that does not
         call should_stop() (an evaluation on one rank, a download); any rank, no collective."""
         heartbeat.beat(phase)
-
-    def _save(self, wait: bool = True) -> Path:
-        self._dcp["progress"].check()  # never a checkpoint that no resume could load
-        heartbeat.beat(f"saving step {self.step} (writes, the collectives of the save, the commit)")
-        return self.checkpointer.save(self.step, self._dcp, wait=wait)
 
     def _require_entered(self, what: str) -> None:
         if not self._entered or self.metrics is None:

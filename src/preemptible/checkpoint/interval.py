@@ -1,0 +1,149 @@
+"""`Checkpointer(interval="auto")`: the save interval that minimises the expected lost time.
+
+A periodic save costs the loop `C` seconds (what the save blocks it for, measured at each save; before
+the first, the state's bytes at the write speed measured at start). An interruption without warning
+(SIGKILL, a lost node, a hang) loses on average half an interval of work. With interruptions every
+`M` seconds on average, Daly's first-order rule (Young's, refined) gives the interval
+
+    tau = sqrt(2 C M) - C   (for C < 2 M; else M)
+
+and the expected share of time lost is about C / tau + (tau + C) / (2 M). `M` is
+`Checkpointer(interrupt_every=)` seconds, or learned from this run directory's history: the time
+it spent training (between step rows of one run) over the interruptions it had (stops on a signal
+or a notice, kills, hangs; not time limits, which are saved before); with none yet, the longer of
+that time and DEFAULT_INTERRUPT_EVERY. The interval in steps is tau over the measured step time.
+Rank 0 chooses; every rank takes its choice (saves are collective).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+DEFAULT_INTERRUPT_EVERY = 3600.0  # seconds assumed between interruptions while a run has no history
+COUNTED = ("preempted", "killed", "hung")  # ends that interrupt (a time limit's stop is planned: not counted)
+
+
+def daly(cost: float, every: float) -> float:
+    """Seconds between saves that minimise expected lost time, to first order."""
+    cost, every = max(cost, 1e-6), max(every, 1e-6)
+    return every if cost >= 2 * every else math.sqrt(2 * cost * every) - cost
+
+
+def overhead(tau: float, cost: float, every: float) -> float:
+    """Expected share of time lost to saves and to recomputing after interruptions."""
+    return cost / tau + (tau + cost) / (2 * every)
+
+
+def learned_every(rows: list[dict]) -> tuple[float, str]:
+    """(seconds between interruptions, how it was found) from a run's metrics rows."""
+    trained, count, last = 0.0, 0, None
+    for row in rows:
+        if "event" in row:
+            if row["event"] in COUNTED and row.get("signal") != "time limit":
+                count += 1
+            last = None  # a gap across an event is not training time
+            continue
+        t = row.get("time")
+        if isinstance(t, (int, float)):
+            if last is not None and t > last:
+                trained += t - last
+            last = t
+    if count:
+        return trained / count, f"{count} interruption(s) in {trained:.0f}s of training in this run directory"
+    if trained > DEFAULT_INTERRUPT_EVERY:
+        return trained, f"no interruption yet in {trained:.0f}s of training in this run directory"
+    return DEFAULT_INTERRUPT_EVERY, f"no interruption yet: {DEFAULT_INTERRUPT_EVERY:.0f}s assumed"
+
+
+@dataclass
+class Choice:
+    steps: int
+    seconds: float
+    save_cost: float
+    every: float
+    overhead: float
+    basis: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"interval_steps": self.steps, "interval_seconds": round(self.seconds, 3),
+                "save_cost": round(self.save_cost, 4), "interrupt_every": round(self.every, 1),
+                "expected_overhead": round(self.overhead, 5), "basis": self.basis}
+
+
+class AutoInterval:
+    """Rank 0's bookkeeping for interval='auto': the step time, the save cost, the choice."""
+
+    def __init__(self, interrupt_every: Optional[float], run_dir: Any):
+        if interrupt_every is not None:
+            self.every, self.basis = float(interrupt_every), "interrupt_every"
+        else:
+            from preemptible.observe.metrics import read_metrics
+            from preemptible.names import METRICS
+
+            path = os.path.join(os.fspath(run_dir), METRICS)
+            self.every, self.basis = learned_every(read_metrics(path) if os.path.exists(path) else [])
+        self.step_seconds: Optional[float] = None
+        self.save_cost: Optional[float] = None
+        self._last: Optional[float] = None
+
+    def step(self, now: float, saved: bool) -> None:
+        """At a step boundary; a step that saved is not a step's time."""
+        if self._last is not None and not saved:
+            dt = now - self._last
+            self.step_seconds = dt if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * dt
+        self._last = now
+
+    def saved(self, seconds: float) -> None:
+        self.save_cost = seconds if self.save_cost is None else max(seconds, 0.5 * self.save_cost + 0.5 * seconds)
+
+    def choose(self, estimate: float) -> Choice:
+        """The interval now; `estimate`: the save's cost until one was timed."""
+        cost = self.save_cost if self.save_cost is not None else estimate
+        tau = daly(cost, self.every)
+        steps = max(1, round(tau / self.step_seconds)) if self.step_seconds else 1
+        return Choice(steps, tau, cost, self.every, overhead(tau, cost, self.every), self.basis)
+
+
+FIRST_CHOICE_AFTER = 3  # steps timed before the first choice (no periodic save before it)
+
+
+class AutoSchedule:
+    """Every rank's side of interval='auto': when saves are due. Rank 0 measures and chooses at
+    fixed steps (the first after FIRST_CHOICE_AFTER steps, then the step after each save); one
+    broadcast per choice carries it to every rank, so all save at the same steps."""
+
+    def __init__(self, interrupt_every: Optional[float], run_dir: Any, rank: int, start_step: int,
+                 say: Any):
+        self.rank, self._say = rank, say
+        self.auto = AutoInterval(interrupt_every, run_dir) if rank == 0 else None
+        self.every: Optional[int] = None
+        self.last_save = start_step
+        self._choose_at = start_step + FIRST_CHOICE_AFTER
+        self._saved_step: Optional[int] = None
+
+    def boundary(self, step: int, estimate: Any) -> None:
+        """At each step boundary, before `due`; `estimate()`: a save's cost until one is timed."""
+        import time
+
+        from preemptible.distributed.env import broadcast_object
+
+        if self.auto is not None:
+            self.auto.step(time.monotonic(), saved=self._saved_step == step - 1)
+        if step != self._choose_at:
+            return
+        choice = self.auto.choose(estimate()) if self.auto is not None else None
+        choice = broadcast_object(choice)
+        if choice.steps != self.every:
+            self._say(choice)
+        self.every = choice.steps
+
+    def due(self, step: int) -> bool:
+        return self.every is not None and step - self.last_save >= self.every
+
+    def saved(self, step: int, seconds: float) -> None:
+        self.last_save, self._saved_step, self._choose_at = step, step, step + 1
+        if self.auto is not None:
+            self.auto.saved(seconds)

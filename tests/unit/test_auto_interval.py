@@ -1,0 +1,80 @@
+"""checkpoint.interval='auto': Daly's rule, the history it learns from, and a real Run choosing,
+saying and keeping its interval (every rank at the same steps: tests/multiprocess)."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from preemptible import Checkpointer, ConfigError, Run
+from preemptible.checkpoint.interval import DEFAULT_INTERRUPT_EVERY, AutoInterval, daly, learned_every, overhead
+
+
+def test_dalys_rule_and_the_overhead_it_minimises():
+    assert daly(1.0, 3600.0) == pytest.approx(math.sqrt(7200) - 1)
+    assert daly(10.0, 4.0) == 4.0  # a save longer than 2 M: save once per M
+    tau = daly(2.0, 1800.0)
+    assert all(overhead(tau, 2.0, 1800.0) <= overhead(tau * f, 2.0, 1800.0) for f in (0.5, 0.8, 1.25, 2.0))
+
+
+def test_the_time_between_interruptions_is_learned_from_the_run_directory():
+    rows = [{"step": s, "time": 100.0 + s} for s in range(1, 11)]                      # 9 s trained
+    rows += [{"event": "preempted", "step": 10, "signal": "SIGTERM", "time": 111.0}]
+    rows += [{"event": "resumed", "step": 10, "time": 200.0}] + [{"step": s, "time": 190.0 + s} for s in range(11, 22)]
+    rows += [{"event": "killed", "step": 20, "time": 300.0}, {"event": "resumed", "step": 20, "time": 300.0}]
+    rows += [{"step": s, "time": 280.0 + s} for s in range(21, 32)]                    # 10 + 10 s more
+    rows += [{"event": "preempted", "step": 31, "signal": "time limit", "time": 320.0}]  # planned: not counted
+    every, basis = learned_every(rows)
+    assert every == pytest.approx(29.0 / 2) and "2 interruption(s)" in basis
+    assert learned_every([])[0] == DEFAULT_INTERRUPT_EVERY
+    long_quiet = [{"step": s, "time": float(s)} for s in range(0, 5000, 1000)] + [{"step": 9, "time": 9000.0}]
+    assert learned_every(long_quiet)[0] == pytest.approx(9000.0)  # at least as long as it has run
+
+
+def test_the_choice_uses_the_measured_step_and_save():
+    auto = AutoInterval(interrupt_every=200.0, run_dir="unused")
+    for i in range(6):
+        auto.step(i * 0.1, saved=False)
+    choice = auto.choose(estimate=0.5)
+    assert choice.basis == "interrupt_every" and choice.save_cost == 0.5
+    assert choice.steps == round((math.sqrt(2 * 0.5 * 200.0) - 0.5) / 0.1)
+    auto.saved(2.0)
+    assert auto.choose(estimate=0.5).save_cost == 2.0  # a timed save replaces the estimate
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(interval="sometimes"), "interval='sometimes'; expected an int >= 0"),
+    (dict(interval="auto", interrupt_every=0), "interrupt_every=0; expected seconds > 0"),
+    (dict(interrupt_every="hourly"), "interrupt_every='hourly'"),
+])
+def test_bad_values_are_named(kwargs, words):
+    with pytest.raises(ConfigError, match="^" + words.replace("(", r"\(")):
+        Checkpointer(**kwargs)
+
+
+def test_a_run_chooses_says_and_keeps_its_interval(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = Run(tmp_path, model=model, optimizer=opt, max_steps=80,
+              checkpoint=Checkpointer(interval="auto", interrupt_every=0.5, keep=100))
+    with run:
+        while run.step < 80:
+            time.sleep(0.01)
+            opt.zero_grad()
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+            run.step_done()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    chosen = [r for r in rows if r.get("event") == "interval"]
+    assert chosen and chosen[0]["step"] == 3 and chosen[0]["interrupt_every"] == 0.5
+    first = chosen[0]
+    tau = math.sqrt(2 * first["save_cost"] * 0.5) - first["save_cost"]
+    assert first["interval_seconds"] == pytest.approx(tau, abs=1e-3)
+    assert first["expected_overhead"] == pytest.approx(overhead(tau, first["save_cost"], 0.5), rel=1e-2)
+    saved = sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert saved[-1] == 80 and len(saved) >= 3  # periodic saves, then the end's
+    for a, b in zip(saved, saved[1:-1]):  # each gap is the interval chosen at the save before it
+        assert b - a == [c for c in chosen if c["step"] <= a + 1][-1]["interval_steps"]
