@@ -30,11 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))  # the recipe's building blocks
 
 
-def _rank_main(rank: int, world: int, port: int, rounds: int, steps: int, root: str, control: bool) -> None:
+def _setup(rank: int, world: int, port: int):
+    """The process group, the recipe's GPT under DDP, AdamW and the recipe's batches, for one rank."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    import preemptible
     from finetune_parts.data import make_batches
     from finetune_parts.model import GPT
 
@@ -45,7 +45,15 @@ def _rank_main(rank: int, world: int, port: int, rounds: int, steps: int, root: 
     torch.manual_seed(0)
     model = DistributedDataParallel(GPT(block_size=64, n_layer=6, n_head=4, n_embd=64, dropout=0.0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = make_batches(rank, world, seed=0, block_size=64, max_bytes=1_000_000, batch_size=8)
+    return model, opt, make_batches(rank, world, seed=0, block_size=64, max_bytes=1_000_000, batch_size=8)
+
+
+def _rank_main(rank: int, world: int, port: int, rounds: int, steps: int, root: str, control: bool) -> None:
+    import torch.distributed as dist
+
+    import preemptible
+
+    model, opt, batches = _setup(rank, world, port)
     times: dict[str, list[float]] = {"off": [], "on": []}
     cpu: list[float] = []   # CPU seconds of each watchdog thread
     wall: list[float] = []  # seconds each lived
@@ -85,21 +93,11 @@ def _blocks_main(rank: int, world: int, port: int, rounds: int, steps: int, root
     """One Run with a watchdog; its thread is stopped and started again between blocks of steps, so
     the two halves differ in the thread alone (the progress clock is written either way)."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     import preemptible
-    from finetune_parts.data import make_batches
-    from finetune_parts.model import GPT
     from preemptible.stopping.watchdog import Watcher
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = DistributedDataParallel(GPT(block_size=64, n_layer=6, n_head=4, n_embd=64, dropout=0.0))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = make_batches(rank, world, seed=0, block_size=64, max_bytes=1_000_000, batch_size=8)
+    model, opt, batches = _setup(rank, world, port)
     run = preemptible.Run(Path(root) / "blocks", model=model, optimizer=opt, data=batches,
                           max_steps=(2 * rounds + 2) * steps + 1,
                           checkpoint=preemptible.Checkpointer(interval=0, resume="never"),
