@@ -16,9 +16,10 @@ from preemptible.errors import ConfigError
 
 
 def number(name: str, value: Any, *, low: float = 0.0, strict: bool = False, none_ok: bool = False,
-           integer: bool = False, unit: str = "", hint: str = "") -> None:
-    """`value` is a finite int (or float unless `integer`) >= `low` (> `low` if `strict`), or None if `none_ok`."""
-    if value is None and none_ok:
+           integer: bool = False, unit: str = "", hint: str = "", auto_ok: bool = False) -> None:
+    """`value` is a finite int (or float unless `integer`) >= `low` (> `low` if `strict`), or None if
+    `none_ok`, or the string 'auto' if `auto_ok`."""
+    if (value is None and none_ok) or (auto_ok and isinstance(value, str) and value == "auto"):
         return
     kinds = (int,) if integer else (int, float)
     ok = (not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)

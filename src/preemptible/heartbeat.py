@@ -15,27 +15,29 @@ _last = time.monotonic()
 _count = 0
 _longest = 0.0  # the longest pause between two beats since reset_longest()
 _phase = "starting"
+_phase_step: Optional[int] = None
 
 
-def beat(phase: Optional[str] = None) -> None:
-    """Record progress now (and, if given, the phase the process enters)."""
-    global _last, _count, _longest, _phase
+def beat(phase: Optional[str] = None, step: Optional[int] = None) -> None:
+    """Record progress now (and, if given, the phase the process enters: a str.format template
+    with `{step}` filled from `step` only when the phase is read, never on the training step)."""
+    global _last, _count, _longest, _phase, _phase_step
     now = time.monotonic()
     if now - _last > _longest:
         _longest = now - _last
     _last, _count = now, _count + 1
     if phase is not None:
-        _phase = phase
+        _phase, _phase_step = phase, step
 
 
-def set_phase(phase: str) -> None:
-    """Name what the process does from now on (no progress recorded)."""
-    global _phase
-    _phase = phase
+def set_phase(phase: str, step: Optional[int] = None) -> None:
+    """Name what the process does from now on (no progress recorded); `step` as in beat()."""
+    global _phase, _phase_step
+    _phase, _phase_step = phase, step
 
 
 def phase() -> str:
-    return _phase
+    return _phase.format(step=_phase_step) if _phase_step is not None else _phase
 
 
 def count() -> int:

@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from preemptible.distributed.env import broadcast_object
 
 DEFAULT_INTERRUPT_EVERY = 3600.0  # seconds assumed between interruptions while a run has no history
 COUNTED = ("preempted", "killed", "hung")  # ends that interrupt (a time limit's stop is planned: not counted)
@@ -126,10 +129,6 @@ class AutoSchedule:
 
     def boundary(self, step: int, estimate: Any) -> None:
         """At each step boundary, before `due`; `estimate()`: a save's cost until one is timed."""
-        import time
-
-        from preemptible.distributed.env import broadcast_object
-
         if self.auto is not None:
             self.auto.step(time.monotonic(), saved=self._saved_step == step - 1)
         if step != self._choose_at:

@@ -118,8 +118,7 @@ class Checkpointer(Finding):
                  zip_crc32: bool = False, verify: bool = True, keep_abandoned: bool = True,
                  local_dir: Optional[str] = None, meta: Optional[dict[str, Any]] = None,
                  interrupt_every: Optional[float] = None):
-        if not (isinstance(interval, str) and interval == "auto"):
-            number("interval", interval, integer=True, hint="0 = only on stop and at the end, or 'auto'")
+        number("interval", interval, integer=True, auto_ok=True, hint="0 = only on stop and at the end, or 'auto'")
         number("interrupt_every", interrupt_every, strict=True, none_ok=True, unit="seconds",
                hint="null = learned from the run directory's history")
         number("keep", keep, low=1, integer=True, hint="the newest committed checkpoints kept")

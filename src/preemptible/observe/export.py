@@ -17,7 +17,7 @@ import torch
 
 from preemptible.checkpoint.layout import in_line, read_marker, step_of, why_invalid
 from preemptible.checkpoint.lineage import Lineage
-from preemptible.observe.metrics import read_metrics
+from preemptible.observe.metrics import ENDS, read_metrics
 from preemptible.errors import ConfigError, UnsafeCheckpointError
 from preemptible.stopping.watchdog import HANG_EXIT
 from preemptible.names import ABANDONED, CHECKPOINTS, COMMIT, LATEST, LEASE, METRICS
@@ -184,7 +184,7 @@ def format_status(info: dict[str, Any]) -> str:
         out.append(f"set aside in abandoned/: {', '.join(info['abandoned'])}")
     out.append("")
     out.append("starts and stops (metrics.jsonl):")
-    shown = [e for e in info["events"] if e.get("event") in ("resumed", "preempted", "done", "killed", "failed", "hung")]
+    shown = [e for e in info["events"] if e.get("event") in ("resumed", *ENDS)]
     for e in shown:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"])) if isinstance(e.get("time"), (int, float)) else "?"
         what = {"resumed": lambda: f"resumed from {e.get('from')} on {e.get('world_size')} ranks",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from preemptible.errors import ConfigError
-from preemptible.observe.metrics import History, read_history, read_metrics
+from preemptible.observe.metrics import ENDS, History, read_history, read_metrics
 from preemptible.names import METRICS
 
 ABRUPT = ("killed", "hung", "peer lost")  # ends without a stop's save: the steps after the head are computed again
@@ -42,7 +42,7 @@ def interruptions(run_dir: Any) -> list[Interruption]:
             last_time, last_step = row.get("time"), row["step"]
             first_done.setdefault(row["step"], row.get("time"))
             continue
-        if row["event"] in ("preempted", "killed", "failed", "hung"):
+        if row["event"] in ENDS and row["event"] != "done":
             last_stop = {**row, "step": row.get("reached", row["step"])}  # a kill: the step it happened at
         elif row["event"] == "done":
             finished = True

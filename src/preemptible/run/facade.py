@@ -65,6 +65,10 @@ from preemptible.stopping.watchdog import Ender, Watchdog, Watcher, check_watchd
 
 log = logging.getLogger("preemptible.run")
 
+# The phases a watchdog's stacks file names (templates: the step is filled in only when one is read).
+AFTER_STEP = "after step {step}: the stop check (a collective) and a periodic save"
+IN_STEP = "step {step}: the loop's own code (data, forward, backward with DDP's gradient all_reduce, the optimizer)"
+
 class Run(Resuming, Saving, Ending):
     """A training run that survives preemption: see the module docstring and docs/api.md.
 
@@ -351,7 +355,7 @@ class Run(Resuming, Saving, Ending):
         if self.stopping:
             raise RuntimeError("step_done() after the run agreed to stop; leave the loop (batches() has ended)")
         self.step += 1
-        heartbeat.beat(f"after step {self.step}: the stop check (a collective) and a periodic save")
+        heartbeat.beat(AFTER_STEP, self.step)
         if self._watcher is not None:
             self._watcher.arm()
         self.feed.check_ahead()
@@ -368,8 +372,7 @@ class Run(Resuming, Saving, Ending):
         self._periodic_save()
         self.checkpointer.poll()
         self._feed.committed(self.checkpointer.last_committed_step)
-        heartbeat.set_phase(f"step {self.step + 1}: the loop's own code (data, forward, backward with DDP's gradient "
-                            "all_reduce, the optimizer)")
+        heartbeat.set_phase(IN_STEP, self.step + 1)
         return False
 
     def should_stop(self) -> bool:

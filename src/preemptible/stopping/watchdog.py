@@ -13,7 +13,7 @@ setting says so, and ends the process with HANG_EXIT (86). A save in flight is n
 head stays the last committed checkpoint.
 
 A collective that fails because a peer died (gloo's "Connection closed by peer", an NCCL error, the
-process group's timeout) ends the rank the same way (`end_lost_peer`, from `Run.__exit__`).
+process group's timeout) ends the rank the same way (`peer_lost` tells it; `Ender.end` from `Run.__exit__`).
 """
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ class Watchdog:
     factor: float = 5.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.timeout, str) and self.timeout == "auto"):
-            number("timeout", self.timeout, strict=True, unit="seconds", hint="or 'auto'")
+        number("timeout", self.timeout, strict=True, unit="seconds", hint="or 'auto'", auto_ok=True)
         seconds("floor", self.floor, strict=True)
         number("factor", self.factor, low=1.0)
 
