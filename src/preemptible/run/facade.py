@@ -139,11 +139,9 @@ class Run(Resuming, Saving, Ending):
         self._log_handler: Optional[logging.Handler] = None
         self._hooks: list[Any] = []
         self._lr: Optional[float] = None
-        self._entered = False
-        self._left = False
+        self._entered = self._left = False
         self._created: list[Path] = []
-        self._check = lambda: False
-        self._check_between = lambda: False
+        self._check = self._check_between = lambda: False  # the stop checks, set when the run is entered
         self._mid_step = False  # the stop was agreed by should_stop() (inside a step or an eval)
         self._dcp: dict[str, Any] = {}
         self._state_bytes: Optional[int] = None
