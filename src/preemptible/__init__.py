@@ -35,6 +35,7 @@ _WHERE = {
     "CheckpointError": "preemptible.errors",
     "ConfigError": "preemptible.errors",
     "UnsafeCheckpointError": "preemptible.errors",
+    "CorruptCheckpointError": "preemptible.errors",
     # tools
     "export_weights": "preemptible.observe.export",
     "load_model_weights": "preemptible.checkpoint.reader",
@@ -63,7 +64,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see behind the lazy names
     from preemptible.checkpoint.writer import Checkpointer
     from preemptible.contracts import DataSource, NoticeSource, PositionedData, Tracker
     from preemptible.distributed.env import DistEnv, exit_run, init_distributed
-    from preemptible.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+    from preemptible.errors import CheckpointError, ConfigError, CorruptCheckpointError, UnsafeCheckpointError
     from preemptible.observe.export import export_weights
     from preemptible.observe.metrics import History, read_history, read_metrics
     from preemptible.observe.report import Report

@@ -53,3 +53,8 @@ class CheckpointError(RuntimeError):
 
 class UnsafeCheckpointError(ConfigError):
     """A checkpoint file names code or classes a checkpoint never holds; nothing of it was loaded."""
+
+
+class CorruptCheckpointError(ConfigError):
+    """A checkpoint file's bytes do not match the CRC-32C its commit marker recorded (found while
+    loading it): the resume chooses again, with every checksum checked first."""

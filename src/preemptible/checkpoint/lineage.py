@@ -93,18 +93,26 @@ class Finding:
     def _pick(self, candidates: list[Path], skipped: list) -> Optional[Path]:
         """The first candidate that is valid (verified if `verify`); the others are logged and listed."""
         for path in candidates:
-            why = why_invalid(path, verify=self.verify)
+            why = why_invalid(path, verify=self._sums_first)
             if why is None:
                 return path
             log.warning("checkpoint: skipping %s: %s", path, why)
             skipped.append((str(path), why))
         return None
 
-    def resume_path(self) -> Resume:
-        """Where to resume from, decided by rank 0 and the same on every rank; ConfigError if invalid."""
+    @property
+    def _sums_first(self) -> bool:
+        """Whether choosing a checkpoint reads every file's CRC-32C (else the load checks them)."""
+        return self.verify and not getattr(self, "_sums_while_loading", False)
+
+    def resume_path(self, sums_while_loading: bool = False) -> Resume:
+        """Where to resume from, decided by rank 0 and the same on every rank; ConfigError if invalid.
+        `sums_while_loading`: choose by sizes only; the load then checks the checksums (`load(...,
+        checksums=True)`), and a mismatch there means choosing again without it."""
         decision: Any = None
         if self.rank == 0:
             started = time.perf_counter()
+            self._sums_while_loading = sums_while_loading
             try:
                 fetched = self._fetch_remote() if self.remote is not None and self.resume == "auto" else []
                 decision = self._decide()
@@ -112,6 +120,8 @@ class Finding:
                 decision.verify_seconds = time.perf_counter() - started
             except ConfigError as e:
                 decision = e
+            finally:
+                self._sums_while_loading = False
         decision = broadcast_object(decision)
         if isinstance(decision, ConfigError):
             raise decision
@@ -212,7 +222,7 @@ class Finding:
                 log.info("resume=%s: this run already branched from it; resuming the branch's newest commit %s",
                          self.resume, resume.path)
             return resume
-        why = why_invalid(path, verify=self.verify)
+        why = why_invalid(path, verify=self._sums_first)
         if why:
             raise ConfigError(f"resume={self.resume!r} is not a valid checkpoint: {why}; "
                               "use resume=auto to take the newest valid one")

@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from preemptible.checkpoint.layout import read_marker, why_invalid
 from preemptible.checkpoint.safe_load import SafePlanner, SafeReader
-from preemptible.errors import ConfigError, UnsafeCheckpointError
+from preemptible.errors import ConfigError, CorruptCheckpointError, UnsafeCheckpointError
 from preemptible.names import COMMIT
 
 
@@ -37,22 +37,26 @@ def describe_failure(e: BaseException) -> str:
 
 
 
-def load_state(path: Path, state: dict[str, Any], what: str) -> None:
-    """DCP load through the safe reader and planner; ConfigError naming `what` on any failure."""
+def load_state(path: Path, state: dict[str, Any], what: str, checksums: bool = False) -> None:
+    """DCP load through the safe reader and planner; ConfigError naming `what` on any failure.
+    `checksums`: each file's CRC-32C checked as it is read (CorruptCheckpointError on every rank
+    if any rank's file does not match; DCP gathers every rank's failure)."""
     try:
         listed = read_marker(path)["files"] if (Path(path) / COMMIT).exists() else None
     except ValueError as e:
         raise ConfigError(f"{what} is not a valid checkpoint: {e}") from None
-    reader = SafeReader(str(path), listed)
+    reader = SafeReader(str(path), listed, checksums=checksums)
     try:
         with _quiet_single_process():
             dcp.load(state, storage_reader=reader, planner=SafePlanner())
-    except UnsafeCheckpointError as e:
-        raise UnsafeCheckpointError(f"{what}: {e}") from None
+    except (UnsafeCheckpointError, CorruptCheckpointError) as e:
+        raise type(e)(f"{what}: {e}") from None
     except (Exception, CheckpointException) as e:  # shape/key mismatches surface here, wrapped by DCP
-        unsafe = [exc for exc, _ in getattr(e, "failures", {}).values() if isinstance(exc, UnsafeCheckpointError)]
-        if reader.unsafe is not None or unsafe:
-            raise UnsafeCheckpointError(f"{what}: {reader.unsafe or unsafe[0]}") from None
+        failed = [exc for exc, _ in getattr(e, "failures", {}).values()]
+        for kind, own in ((UnsafeCheckpointError, reader.unsafe), (CorruptCheckpointError, reader.mismatch)):
+            found = [exc for exc in failed if isinstance(exc, kind)]
+            if own is not None or found:
+                raise kind(f"{what}: {own or found[0]}") from None
         raise ConfigError(f"{what} does not fit this model/run: {describe_failure(e)}") from None
 
 

@@ -13,14 +13,18 @@ import io
 import math
 import os
 import pickle
-from typing import Any, Optional
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import StorageMeta
 
-from preemptible.errors import UnsafeCheckpointError
+from preemptible.checkpoint.storage import file_crc32c
+from preemptible.errors import CorruptCheckpointError, UnsafeCheckpointError
 from preemptible.names import COMMIT
 
 # Every global a DCP `.metadata` pickle refers to (torch 2.9-2.13), and nothing that can act.
@@ -96,16 +100,76 @@ def check_metadata(metadata: Any, directory: str, listed: Optional[dict[str, Any
                                         f"checkpoint stores {stored.get(fqn, 0)} bytes for it; it was not loaded")
 
 
+def _sum(path: Any, stop: threading.Event, into: dict) -> None:
+    try:
+        into["v"] = file_crc32c(path, stop=stop)
+    except OSError as e:  # the load's own read fails the same way; it reports it
+        into["v"] = (None, None)
+        into["error"] = e
+
+
+class _Checksummed(FileSystem):
+    """DCP's file system for reading, with each file the commit marker lists with a CRC-32C
+    checked while DCP reads it: when DCP opens the file, a thread reads it once from disk and sums
+    it (DCP's own reads meanwhile come from the page cache that read fills); when DCP closes it,
+    the sum is compared. One read of each file from disk, not a verify pass and then a load pass."""
+
+    def __init__(self, listed: dict[str, Any]):
+        super().__init__()
+        self.listed = listed
+        self.mismatch: Optional[CorruptCheckpointError] = None  # DCP wraps what read_data raises: keep it
+
+    @contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[io.IOBase]:
+        entry = self.listed.get(os.path.basename(str(path)))
+        if mode != "rb" or not entry or entry[1] is None:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        stop, summed = threading.Event(), {}
+        thread = threading.Thread(target=_sum, args=(path, stop, summed), daemon=True, name="preemptible-verify")
+        thread.start()
+        try:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+        except Exception:
+            self._check(path, entry, thread, summed)  # changed bytes explain a failed read best
+            raise
+        except BaseException:  # KeyboardInterrupt, SystemExit: no waiting for the rest of the file
+            stop.set()
+            thread.join()
+            raise
+        self._check(path, entry, thread, summed)
+
+    def _check(self, path: Any, entry: Any, thread: threading.Thread, summed: dict) -> None:
+        thread.join()
+        size, crc = summed.get("v", (None, None))
+        if size is None:
+            return
+        if (size, crc) != (entry[0], entry[1]):
+            self.mismatch = CorruptCheckpointError(
+                f"{os.path.basename(str(path))} does not match its checksum (crc32c {crc:08x} of {size} bytes, the "
+                f"commit says {entry[1]:08x} of {entry[0]}): its bytes changed after it was written")
+            raise self.mismatch
+
+
 class SafeReader(FileSystemReader):
     """DCP's FileSystemReader with `.metadata` read through the allowlisting unpickler, and
-    checked to point only inside the checkpoint (`listed`: the commit marker's files)."""
+    checked to point only inside the checkpoint (`listed`: the commit marker's files). With
+    `checksums`, every listed file's CRC-32C is checked as it is read (`_Checksummed`)."""
 
     unsafe: "UnsafeCheckpointError | None" = None  # DCP retries other metadata files after a failure: keep why
 
-    def __init__(self, path: str, listed: Optional[dict[str, Any]] = None, **kwargs: Any):
+    def __init__(self, path: str, listed: Optional[dict[str, Any]] = None, checksums: bool = False, **kwargs: Any):
         super().__init__(path, **kwargs)
         self.listed = listed
         self.directory = str(path)
+        if checksums and listed:
+            self.fs = _Checksummed(listed)
+
+    @property
+    def mismatch(self) -> Optional[CorruptCheckpointError]:
+        return getattr(self.fs, "mismatch", None)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         path = self._get_metadata_path(kwargs.get("rank"))

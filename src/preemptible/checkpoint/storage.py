@@ -165,15 +165,17 @@ def file_writer(path: str | os.PathLike, thread_count: int, fsync: bool = True,
     return writer
 
 
-def file_crc32c(path: str | os.PathLike, chunk: int = 8 << 20) -> tuple[int, int]:
-    """(size, CRC-32C) of a file as it is on disk now (what a resume verifies)."""
+def file_crc32c(path: str | os.PathLike, chunk: int = 8 << 20,
+                stop: Optional[threading.Event] = None) -> tuple[int, int]:
+    """(size, CRC-32C) of a file as it is on disk now (what a resume verifies); `stop` set: it
+    returns early (what it has read so far)."""
     crc, size = 0, 0
     buf = bytearray(chunk)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while True:
             n = f.readinto(buf)
-            if not n:
+            if not n or (stop is not None and stop.is_set()):
                 return size, crc
             crc = crc32c.crc32c(view[:n], crc)
             size += n

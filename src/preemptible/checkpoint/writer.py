@@ -258,9 +258,11 @@ class Checkpointer(Finding):
 
     marker = staticmethod(read_marker)
 
-    def load(self, path: Path, state: dict[str, Any]) -> None:
+    def load(self, path: Path, state: dict[str, Any], checksums: bool = False) -> None:
+        """DCP load of `path` into `state` (collective); `checksums`: every file's CRC-32C checked
+        while it is read (with `verify`), CorruptCheckpointError on every rank if one does not match."""
         faults.inject("load")
-        load_state(path, state, what=f"checkpoint {str(path)!r}")
+        load_state(path, state, what=f"checkpoint {str(path)!r}", checksums=checksums and self.verify)
 
     def save(self, step: int, state: dict[str, Any], wait: bool = True) -> Path:
         """Collective: every rank calls it. With `wait` (a stop, the end) it returns once the

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from preemptible.errors import ConfigError, in_part
+from preemptible.checkpoint.lineage import Resume
+from preemptible.errors import ConfigError, CorruptCheckpointError, in_part
 from preemptible.observe.lifecycle import LIFECYCLE
 from preemptible.run.parts import process_start_time
 
@@ -22,22 +23,12 @@ class Resuming:
 
     def _resume(self) -> None:
         cp = self.checkpointer
-        try:
-            resume = cp.resume_path()
-        except ConfigError as e:
-            raise in_part("checkpoint", e)
-        if resume.path is None:
+        chosen = self._choose_and_load(sums_while_loading=True)
+        if chosen is None:
             return
-        marker = cp.marker(resume.path)
-        if self.before_resume is not None:
-            self.before_resume(marker, resume.path)
+        resume, marker, load_seconds = chosen
         saved_world = int(marker.get("world_size", 1))
         progress = self._dcp["progress"]
-        to_load = self._dcp if saved_world == self.world_size else {
-            k: v for k, v in self._dcp.items() if not k.startswith("rank")}
-        load_started = time.perf_counter()
-        cp.load(resume.path, to_load)
-        load_seconds = time.perf_counter() - load_started
         if saved_world != self.world_size:
             self._continue_on_new_world(progress.loaded, saved_world)
         cp.last_committed_step = self.step
@@ -45,8 +36,9 @@ class Resuming:
             self.after_resume(marker, resume.path)
         cp.adopt(resume, self.step)
         self.resumed_from = resume.path
-        log.info("resumed from %s at step %d (written by %d rank(s), now %d; verified in %.2fs)", resume.path,
-                 self.step, saved_world, self.world_size, resume.verify_seconds, extra=LIFECYCLE)
+        log.info("resumed from %s at step %d (written by %d rank(s), now %d; chosen in %.2fs, loaded in %.2fs%s)",
+                 resume.path, self.step, saved_world, self.world_size, resume.verify_seconds, load_seconds,
+                 ", every file's checksum checked" if cp.verify else "", extra=LIFECYCLE)
         self._resumed_step = self.step
         self._say_what_a_resume_cannot_know(marker)
         self._record_kill()
@@ -55,6 +47,33 @@ class Resuming:
                            process_started=process_start_time(), entered=self._entered_at,
                            verify_seconds=round(resume.verify_seconds, 4), load_seconds=round(load_seconds, 4),
                            **{"from": str(resume.path)})
+
+    def _choose_and_load(self, sums_while_loading: bool) -> Optional[tuple[Resume, dict[str, Any], float]]:
+        """(the decision, its marker, seconds to load it), or None for a fresh start. Chosen by sizes,
+        the checksums checked while loading (one read of each file); a file that does not match
+        means choosing again with every checksum checked first, so the changed checkpoint is passed
+        over as at any other resume."""
+        cp = self.checkpointer
+        try:
+            resume = cp.resume_path(sums_while_loading=sums_while_loading)
+        except ConfigError as e:
+            raise in_part("checkpoint", e)
+        if resume.path is None:
+            return None
+        marker = cp.marker(resume.path)
+        if self.before_resume is not None:
+            self.before_resume(marker, resume.path)
+        to_load = self._dcp if int(marker.get("world_size", 1)) == self.world_size else {
+            k: v for k, v in self._dcp.items() if not k.startswith("rank")}
+        started = time.perf_counter()
+        try:
+            cp.load(resume.path, to_load, checksums=sums_while_loading)
+        except CorruptCheckpointError as e:
+            if not sums_while_loading:
+                raise
+            log.warning("%s; choosing the checkpoint to resume from again, every checksum checked first", e)
+            return self._choose_and_load(sums_while_loading=False)
+        return resume, marker, time.perf_counter() - started
 
     def _record_kill(self) -> None:
         """The last run ended with no record (killed): say so, at the step it reached, with the steps
