@@ -66,7 +66,7 @@ def train(cfg: DictConfig) -> Run:
     # ---- the run: owns cfg.run_dir, stops on signals, notices and time limits, resumes, saves, exits
     stopping = build(cfg, "stopping", signals=build(cfg, "signal_handler"), notices=build(cfg, "notices"))
     run = Run(cfg.run_dir, model=model, optimizer=optimizer, scheduler=schedule, data=batches,
-              max_steps=cfg.trainer.max_steps, seed=cfg.seed, stopping=stopping,
+              max_steps=cfg.trainer.max_steps, stopping=stopping,
               checkpoint=build(cfg, "checkpoint", meta={"config": composed(cfg)}),
               ownership=build(cfg, "ownership"), tracker=build(cfg, "tracker"), report=build(cfg, "report"),
               watchdog=watchdog)

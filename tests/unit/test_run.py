@@ -185,6 +185,8 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path):
     (lambda: dict(interval=3), "Run(interval=...) moved to a part of Run: pass checkpoint=Checkpointer(interval=...)"),
     (lambda: dict(handler=None), "pass stopping=Stopping(signals=<the handler>)"),
     (lambda: dict(lease_wait=5), "pass ownership=Ownership(wait=...)"),
+    (lambda: dict(seed=7), "Run(seed=...) is no longer an argument: after a resume on another world size the RNG "
+                           "streams are reseeded from the checkpoint's lineage, step and rank"),
     (lambda: dict(bogus=1), "Run() got an unknown argument bogus="),
 ])
 def test_bad_arguments_name_the_argument_and_write_nothing(tmp_path, arguments, words):
@@ -298,3 +300,11 @@ def test_one_stopping_serves_several_runs_in_turn(tmp_path):
         assert run.exit_code == 0 and run.step == steps
         handlers.append((run.handler, run.notices))
     assert handlers[0][0] is not handlers[1][0] and handlers[0][1] is not handlers[1][1]
+
+
+def test_run_takes_the_training_objects_and_a_few_parts():
+    import inspect
+
+    named = [n for n, p in inspect.signature(Run).parameters.items() if p.kind is not p.VAR_KEYWORD]
+    assert named == ["dir", "model", "optimizer", "scheduler", "data", "state", "values", "max_steps",
+                     "checkpoint", "stopping", "ownership", "tracker", "report", "watchdog"]  # 14

@@ -80,7 +80,6 @@ class Run(Resuming, Saving, Ending):
     state:      {name: object with state_dict/load_state_dict} saved too (GradScaler, EMA model, ...).
     values:     {name: plain value} saved and restored in `run.values` (a best validation loss, ...).
     max_steps:  `batches()` ends after this many steps (None: when the data ends, or on a stop).
-    seed:       reseeds the RNGs after a resume on another world size (their streams cannot continue).
 
     The parts, each checked when it is made and owning its defaults (None: the part's defaults):
     checkpoint: `Checkpointer(interval=, keep=, resume=, dir=, async_save=, verify=, meta=, ...)`.
@@ -95,14 +94,14 @@ class Run(Resuming, Saving, Ending):
 
     def __init__(self, dir: Any, *, model: Optional[torch.nn.Module] = None, optimizer: Any = None,
                  scheduler: Any = None, data: Any = None, state: Optional[dict[str, Any]] = None,
-                 values: Optional[dict[str, Any]] = None, max_steps: Optional[int] = None, seed: int = 0,
+                 values: Optional[dict[str, Any]] = None, max_steps: Optional[int] = None,
                  checkpoint: Optional[Checkpointer] = None, stopping: Optional[Stopping] = None,
                  ownership: Optional[Ownership] = None, tracker: Any = None, report: Optional[Report] = None,
                  watchdog: Optional[Watchdog] = None, **moved: Any):
         refuse_moved(moved)
         check_path("dir", dir)
         self.dir = Path(dir)
-        check_training_objects(model, optimizer, scheduler, state, values, max_steps, seed)
+        check_training_objects(model, optimizer, scheduler, state, values, max_steps)
         self.feed = Feed(data)  # checks data=
         self.checkpointer = part("checkpoint", checkpoint, Checkpointer)
         self._stopping = part("stopping", stopping, Stopping)
@@ -123,7 +122,7 @@ class Run(Resuming, Saving, Ending):
         self.extra = dict(state or {})
         self.values: dict[str, Any] = PlainValues()
         self.values.update(values or {})
-        self.max_steps, self.seed = max_steps, seed
+        self.max_steps = max_steps
         self.before_resume: Any = None  # (marker dict, path) -> None: may refuse a resume (raise ConfigError)
         self.after_resume: Any = None   # (marker dict, path) -> None: e.g. apply changed hyperparameters
 

@@ -27,8 +27,16 @@ MOVED = {**{k: f"checkpoint=Checkpointer({k}=...)" for k in ("interval", "keep",
          **{k: f"report=Report({k}=...)" for k in ("log_every", "log_file", "param_digests")}}
 
 
+# Run's arguments that are no longer needed: why.
+GONE = {"seed": "after a resume on another world size the RNG streams are reseeded from the checkpoint's "
+                "lineage, step and rank (the same checkpoint gives the same streams, another run other ones); "
+                "drop seed="}
+
+
 def refuse_moved(moved: dict[str, Any]) -> None:
     for name in moved:
+        if name in GONE:
+            raise ConfigError(f"Run({name}=...) is no longer an argument: {GONE[name]}")
         if name in MOVED:
             raise ConfigError(f"Run({name}=...) moved to a part of Run: pass {MOVED[name]} "
                               "(from preemptible import Checkpointer, Stopping, Ownership, Report)")
@@ -45,8 +53,8 @@ def part(name: str, value: Any, kind: type) -> Any:
     return value
 
 
-def check_training_objects(model: Any, optimizer: Any, scheduler: Any, state: Any, values: Any, max_steps: Any,
-                           seed: Any) -> None:
+def check_training_objects(model: Any, optimizer: Any, scheduler: Any, state: Any, values: Any,
+                           max_steps: Any) -> None:
     import torch
 
     if optimizer is not None and model is None:
@@ -61,8 +69,6 @@ def check_training_objects(model: Any, optimizer: Any, scheduler: Any, state: An
         raise ConfigError(f"values={values!r}; expected a dict of plain values")
     check_optimizer(optimizer, model)
     number("max_steps", max_steps, integer=True, none_ok=True)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed={seed!r}; expected an int")
 
 
 class Progress:

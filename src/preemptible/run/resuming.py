@@ -30,7 +30,7 @@ class Resuming:
         saved_world = int(marker.get("world_size", 1))
         progress = self._dcp["progress"]
         if saved_world != self.world_size:
-            self._continue_on_new_world(progress.loaded, saved_world)
+            self._continue_on_new_world(progress.loaded, saved_world, marker["lineage"])
         cp.last_committed_step = self.step
         if self.after_resume is not None:
             self.after_resume(marker, resume.path)
@@ -103,9 +103,10 @@ class Resuming:
             log.warning("data= was not given: data the loop reads on its own starts from its beginning again (its "
                         "position is not saved); pass the loader as data= (and iterate run.batches()) to resume it")
 
-    def _continue_on_new_world(self, loaded: dict[str, Any], saved_world: int) -> None:
-        """Per-rank RNG streams and data positions cannot carry over: reseed (seed, step, rank), and
-        continue the data where `data.resume_position` can, else restart its epoch."""
+    def _continue_on_new_world(self, loaded: dict[str, Any], saved_world: int, lineage: str) -> None:
+        """Per-rank RNG streams and data positions cannot carry over: reseed from (the checkpoint's
+        lineage, step, rank), and continue the data where `data.resume_position` can, else restart its epoch."""
+        import hashlib
         import random
 
         self.feed.epoch = int(loaded.get("epoch") or 0)
@@ -115,7 +116,7 @@ class Resuming:
             how = "the data continues at the same global position"
         else:
             how = f"the data starts epoch {self.feed.epoch} again (data has no resume_position())"
-        stream = self.seed * 1_000_003 + self.step * 1009 + self.rank
+        stream = int.from_bytes(hashlib.sha256(f"{lineage}:{self.step}:{self.rank}".encode()).digest()[:8], "little")
         random.seed(stream)
         torch.manual_seed(stream)
         try:
