@@ -43,8 +43,20 @@ def reference(tmp_path_factory):
 SLOW_FOLDERS = ("e2e", "faults", "s3", "slurm")
 
 
+# .ci/run runs the suite on two pytest-xdist workers, a file to a worker (`-n 2 --dist loadfile`): the
+# SLURM tests share one cluster on fixed ports, so their one file must stay on one worker. Files start
+# in this order: the slowest folders first (SLURM's clock, torchrun, recipes), the quick ones fill in.
+FIRST = ("slurm", "e2e", "faults", "s3", "multiprocess")
+
+
+def _folder(item) -> str:
+    parts = item.path.parts
+    return parts[parts.index("tests") + 1] if "tests" in parts else ""
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        parts = item.path.parts
-        if "tests" in parts and parts[parts.index("tests") + 1] in SLOW_FOLDERS:
+        if _folder(item) in SLOW_FOLDERS:
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(_folder(item), len(FIRST)))  # stable: files keep their order within
