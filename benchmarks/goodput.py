@@ -15,12 +15,19 @@ Per interruption:
                         resume: finding, verifying (CRC-32C) and loading the checkpoint
                         first step: from the loaded checkpoint to the end of the first step
   steps lost          steps done after the last checkpoint, done again (KILL only; a TERM saves first)
-A bare `python -c "import torch"` is timed in the same run, for scale: this machine's speed drifts.
+The floor, measured in the same run between our exit and our relaunch (alternating with ours):
+  floor relaunch      torchrun starting a script that imports torch, joins the process group and
+                      does one all_reduce (launch -> the all_reduce done on every rank)
+  floor exit          TERM to that torchrun -> its exit (a bare process exit under torchrun)
+Printed: ours / floor for relaunch -> first resumed step, and signal -> exit against one step + the
+stop's save (the `preempted` event's `save_seconds`) + the floor exit (TERM only: a KILL saves nothing),
+split into signal -> the `preempted` event (the agreed stop and the save) and the teardown after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import statistics
@@ -72,8 +79,10 @@ def baseline(work: Path, steps: int, interval: int, nproc: int) -> tuple[float, 
 
 
 def preempted(work: Path, kind: str, steps: int, interval: int, nproc: int, period: float) -> dict:
+    """Our run, interrupted every `period` s until it is done; between each exit and relaunch, one
+    round of the floor (its wall time is left out of ours)."""
     run_dir = work / kind
-    start = time.time()
+    start, floor_wall = time.time(), 0.0
     records = []
     launched = time.time()
     proc = launch(run_dir, steps, interval, nproc)
@@ -85,51 +94,97 @@ def preempted(work: Path, kind: str, steps: int, interval: int, nproc: int, peri
             break  # finished
         last_step = max((r["step"] for r in rows(run_dir) if "event" not in r), default=0)
         sent = time.time()
-        if kind == "term":
-            os.kill(proc.pid, signal.SIGTERM)
-        else:
-            workers = []
-            for _ in range(100):  # the agent may still be starting them
-                workers = worker_pids(proc.pid)
-                if workers:
-                    break
-                time.sleep(0.05)
-            if not workers:
-                continue
-            os.kill(workers[-1], signal.SIGKILL)
+        if not interrupt(proc, kind):
+            continue
         proc.wait()
         exited = time.time()
+        floor = floor_once(work, nproc)
+        floor_wall += floor["wall"]
         before = len(rows(run_dir))
         launched = time.time()
         proc = launch(run_dir, steps, interval, nproc)
-        # the new process's resumed event and first step
-        while True:
-            new = rows(run_dir)[before:]
-            resumed = next((r for r in new if r.get("event") == "resumed"), None)
-            first = next((r for r in new if "event" not in r), None)
-            if resumed and first or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        stopped_at = max((r["step"] for r in rows(run_dir)[:before] if "event" not in r), default=last_step)
-        records.append({
-            "signal_to_exit": exited - sent,
-            "agent": (resumed["process_started"] - launched) if resumed and resumed.get("process_started") else None,
-            "worker": (resumed["entered"] - resumed["process_started"]) if resumed and resumed.get("process_started")
-            else None,
-            "resume": (resumed["verify_seconds"] + resumed["load_seconds"]) if resumed else None,
-            "first_step": (first["time"] - resumed["time"]) if resumed and first else None,
-            "relaunch_to_step": (first["time"] - launched) if first else None,
-            "steps_lost": stopped_at - resumed["step"] if resumed else None,
-        })
-    wall = time.time() - start
+        records.append(measure_relaunch(run_dir, proc, before, launched, last_step, (sent, exited), floor))
+    wall = time.time() - start - floor_wall
     done = [r for r in rows(run_dir) if r.get("event") == "done"]
     return {"wall": wall, "records": records, "done": bool(done)}
 
 
-def bare_import_torch() -> float:
-    t = time.time()
-    subprocess.run([sys.executable, "-c", "import torch"], check=True)
-    return time.time() - t
+def interrupt(proc: subprocess.Popen, kind: str) -> bool:
+    """TERM to the agent, or SIGKILL to one worker; False when no worker was there to kill."""
+    if kind == "term":
+        os.kill(proc.pid, signal.SIGTERM)
+        return True
+    for _ in range(100):  # the agent may still be starting them
+        workers = worker_pids(proc.pid)
+        if workers:
+            os.kill(workers[-1], signal.SIGKILL)
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def measure_relaunch(run_dir: Path, proc: subprocess.Popen, before: int, launched: float, last_step: int,
+                     stopped: tuple[float, float], floor: dict) -> dict:
+    """Waits for the relaunched run's resumed event and first step; one record of the interruption."""
+    while True:
+        new = rows(run_dir)[before:]
+        resumed = next((r for r in new if r.get("event") == "resumed"), None)
+        first = next((r for r in new if "event" not in r), None)
+        if resumed and first or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    old = rows(run_dir)[:before]
+    stopped_at = max((r["step"] for r in old if "event" not in r), default=last_step)
+    stop = next((r for r in reversed(old) if r.get("event") == "preempted"), None)
+    started = resumed.get("process_started") if resumed else None
+    sent, exited = stopped
+    return {
+        "signal_to_exit": exited - sent,
+        "to_saved": stop["time"] - sent if stop else None,
+        "save": stop.get("save_seconds") if stop else None,
+        "teardown": exited - stop["time"] if stop else None,
+        "floor_exit": floor["exit"],
+        "agent": (started - launched) if started else None,
+        "worker": (resumed["entered"] - started) if started else None,
+        "resume": (resumed["verify_seconds"] + resumed["load_seconds"]) if resumed else None,
+        "first_step": (first["time"] - resumed["time"]) if resumed and first else None,
+        "relaunch_to_step": (first["time"] - launched) if first else None,
+        "floor_relaunch": floor["relaunch"],
+        "steps_lost": stopped_at - resumed["step"] if resumed else None,
+    }
+
+
+FLOOR = """
+import json, os, sys, time
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo")
+dist.all_reduce(torch.ones(1))
+with open(sys.argv[1], "a") as f:
+    f.write(json.dumps({"rank": dist.get_rank(), "ready": time.time()}) + "\\n")
+while True:
+    time.sleep(0.01)
+"""
+
+
+def floor_once(work: Path, nproc: int) -> dict:
+    """One relaunch and exit of the floor script under torchrun: {"relaunch": s, "exit": s, "wall": s}."""
+    script, out = work / "floor.py", work / "floor-ready.jsonl"
+    script.write_text(FLOOR)
+    out.unlink(missing_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launched = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", str(script), str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while proc.poll() is None and (not out.exists() or len(out.read_text().splitlines()) < nproc):
+        time.sleep(0.01)
+    ready = max(json.loads(line)["ready"] for line in out.read_text().splitlines())
+    sent = time.time()
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait()
+    exited = time.time()
+    return {"relaunch": ready - launched, "exit": exited - sent, "wall": exited - launched}
 
 
 def main() -> None:
@@ -152,28 +207,56 @@ def main() -> None:
         probe, _ = baseline(work / "probe", 60, 0, args.nproc)
         steps = args.steps or int(args.periods * args.period / probe)
         step_time, base_wall = baseline(work, steps, args.interval, args.nproc)
-        imports = [bare_import_torch() for _ in range(3)]
         print(f"machine: {os.uname().machine} {os.cpu_count()} cpus | torch {torch.__version__} | {args.nproc} ranks "
               f"| {' '.join(MODEL + EXTRA)} checkpoint.interval={args.interval}")
         print(f"uninterrupted: {steps} steps, {step_time * 1000:.1f} ms/step (median), {base_wall:.1f} s wall "
-              f"(start-up and the final save included: goodput {steps * step_time / base_wall:.3f})")
-        print(f"bare `python -c 'import torch'`: {statistics.median(imports):.2f} s (median of 3)\n")
+              f"(start-up and the final save included: goodput {steps * step_time / base_wall:.3f})\n")
         for kind in args.kinds.split(","):
             result = preempted(work, kind, steps, args.interval, args.nproc, args.period)
-            recs = result["records"]
-            print(f"{kind.upper()} every {args.period:g} s: {len(recs)} interruptions, {result['wall']:.1f} s wall, "
-                  f"finished: {result['done']}; goodput {steps * step_time / result['wall']:.3f}")
-            cols = ("signal_to_exit", "agent", "worker", "resume", "first_step", "relaunch_to_step", "steps_lost")
-            print("  " + " ".join(f"{c:>16}" for c in cols) + "   per preemption")
-            for r in recs:
-                cells = [("-" if r[c] is None else (f"{r[c]:d}" if c == "steps_lost" else f"{r[c]:.2f}")) for c in cols]
-                per = (r["signal_to_exit"] + r["relaunch_to_step"]) if r["relaunch_to_step"] is not None else None
-                print("  " + " ".join(f"{c:>16}" for c in cells) + f"   {per:.2f} s" if per else "")
-            if recs:
-                med = {c: statistics.median([r[c] for r in recs if r[c] is not None] or [0]) for c in cols}
-                print("  median " + " ".join(f"{med[c]:>9.2f}" for c in cols) +
-                      f"   {med['signal_to_exit'] + med['relaunch_to_step']:.2f} s per preemption "
-                      f"(+ {med['steps_lost'] * step_time:.2f} s of steps lost)\n")
+            print(f"{kind.upper()} every {args.period:g} s: {len(result['records'])} interruptions, "
+                  f"{result['wall']:.1f} s wall (the floor's rounds left out), finished: {result['done']}; "
+                  f"goodput {steps * step_time / result['wall']:.3f}")
+            report(result["records"], kind, step_time)
+
+
+def report(recs: list[dict], kind: str, step_time: float) -> None:
+    """The two side-by-side tables of one kind of interruption, and their medians."""
+    if not recs:
+        return
+    for r in recs:
+        r["relaunch_ratio"] = r["relaunch_to_step"] / r["floor_relaunch"] if r["relaunch_to_step"] else None
+        r["exit_floor"] = step_time + (r["save"] or 0.0) + r["floor_exit"]
+        r["beyond_step_save"] = r["signal_to_exit"] - step_time - (r["save"] or 0.0)
+    table(recs, ("agent", "worker", "resume", "first_step", "relaunch_to_step", "floor_relaunch", "relaunch_ratio",
+                 "steps_lost"), "relaunch -> first resumed step, against the floor's relaunch -> all_reduce done")
+    if kind == "term":
+        table(recs, ("signal_to_exit", "to_saved", "save", "teardown", "floor_exit", "exit_floor", "beyond_step_save"),
+              f"signal -> exit, against one step ({step_time:.3f} s) + the save + the floor's exit")
+    ratios = [r["relaunch_ratio"] for r in recs if r["relaunch_ratio"]]
+    print(f"  relaunch -> first step, ours / floor: median {statistics.median(ratios):.2f} "
+          f"({min(ratios):.2f}-{max(ratios):.2f}; target <= 1.3)")
+    if kind == "term":
+        over = [r["beyond_step_save"] for r in recs]
+        ratio = [r["signal_to_exit"] / r["exit_floor"] for r in recs]
+        print(f"  signal -> exit beyond one step + the save: median {statistics.median(over):.2f} s "
+              f"({min(over):.2f}-{max(over):.2f}; target <= 0.5 s), of which a bare exit under torchrun takes "
+              f"{statistics.median(r['floor_exit'] for r in recs):.2f} s; ours / (step + save + bare exit): "
+              f"median {statistics.median(ratio):.2f}")
+    lost = statistics.median([r["steps_lost"] for r in recs if r["steps_lost"] is not None] or [0])
+    print(f"  steps lost per interruption: median {lost:g} ({lost * step_time:.2f} s)\n")
+
+
+def table(recs: list[dict], cols: tuple, title: str) -> None:
+    print(f"  {title}:")
+    print("  " + " ".join(f"{c:>16}" for c in cols))
+    for r in recs:
+        print("  " + " ".join(f"{cell(r[c], c):>16}" for c in cols))
+
+
+def cell(value, column: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:d}" if column == "steps_lost" else f"{value:.2f}"
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ class Ending:
             log.warning("%s (%s); saving anyway: a save cut off by the kill commits nothing, and the last "
                         "committed checkpoint stays the one to resume from", risk, basis)
         self.last_checkpoint = None if skipped else self._save()
-        extra: dict[str, Any] = {"save_skipped": skipped} if skipped else {}
+        extra: dict[str, Any] = ({"save_skipped": skipped} if skipped else
+                                 {"save_seconds": round(cp.last_save_seconds or 0.0, 4)})
         if cp.uploader is not None and self.last_checkpoint is not None:
             extra["uploaded"] = self._wait_upload(stop, cp)
         if stop.notices:
