@@ -33,7 +33,7 @@ from pathlib import Path
 from preemptible.observe.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = ["model.n_layer=6", "model.n_head=6", "model.n_embd=384", "model.block_size=64", "data.batch_size=8",
+MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=64", "data.batch_size=8",
          "data.max_bytes=1000000", "report.log_every=50", "report.param_digests=false", "watchdog=none",
          "checkpoint.keep=2"]
 
