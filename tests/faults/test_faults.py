@@ -167,7 +167,7 @@ def test_signal_after_training_finished_loses_nothing(tmp_path):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGTERM)
     proc.communicate(timeout=60)
-    assert proc.returncode in (0, -signal.SIGTERM)
+    assert proc.returncode == 0  # the run's own status: a TERM while it ends is held, then ends it so
     assert why_invalid(tmp_path / "checkpoints" / "step_00000020") is None
     code, log = run(tmp_path, "trainer.max_steps=20")
     assert code == 0 and events(tmp_path, "resumed")[-1]["step"] == 20

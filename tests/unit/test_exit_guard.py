@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 from distributed_helpers import free_port
+from preemptible.names import LEASE
 from zygote import run_python
 
 _GLOO_WORLD_OF_ONE = """
@@ -82,11 +83,16 @@ def test_a_run_lets_gloo_workers_finish_when_it_ends(tmp_path):
 
 
 def test_late_term_and_int_after_a_finished_run_end_it_with_its_own_status(tmp_path):
-    """TERM and INT arriving after the `with run:` block (the run is done and committed), before
-    and during run.exit(): the process ends with the run's status 0, not a signal death (-15)."""
-    for when in ("before_exit", "during_exit"):
+    """TERM and INT arriving while the `with run:` block ends (the handler released, the lease not
+    yet: the window is hit by sending them from inside it), after it (the run is done and committed),
+    and during run.exit(): the process ends with the run's status 0, not a signal death (-15), and
+    the run ended whole (its lease released: the next run starts at once)."""
+    for when in ("while_leaving", "before_exit", "during_exit"):
         code = textwrap.dedent(f"""
             import atexit, os, signal, time, torch, preemptible
+            import preemptible.run.ending as ending
+            if {when!r} == "while_leaving":  # inside _leave, after the handler's release
+                ending.let_gloo_workers_finish = lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.1))
             run = preemptible.Run({str(tmp_path / when)!r}, model=torch.nn.Linear(1, 1), max_steps=2)
             with run:
                 while run.step < 2:
@@ -100,6 +106,7 @@ def test_late_term_and_int_after_a_finished_run_end_it_with_its_own_status(tmp_p
         """)
         proc = run_python(["-c", code], timeout=120)  # behaviour, not a fresh interpreter's finalization
         assert proc.returncode == 0, (when, proc.returncode, proc.stderr[-2000:])
+        assert not (tmp_path / when / LEASE).exists(), when  # released, not cut short
 
 
 LIFECYCLE_LOOP = """

@@ -144,6 +144,8 @@ class Ending:
             # once one has exited) cannot come before every rank is inside exit(): its barrier
             # follows ignoring late signals, so no worker exits before all of them ignore them.
             self.handler.release()
+            if clean and self.exit_code is not None:
+                self._hold_late_signals()  # at once: a signal from here on cannot kill a finished run
         try:
             self.checkpointer.close()  # an async save in flight is committed (a valid checkpoint)
         except CheckpointError:
@@ -168,25 +170,54 @@ class Ending:
         if clean and self.exit_code is not None and self.handler is not None:
             self._end_on_late_signals()
 
-    def _end_on_late_signals(self) -> None:
-        """After the run ended (committed): the run's signals, where they would kill the process
-        (default disposition) or raise KeyboardInterrupt, end it with the run's own status instead
-        (SystemExit, raised in the main thread like Python's own KeyboardInterrupt), so a late TERM
-        before `exit()` does not turn a finished run into a signal death. `exit()` ignores them."""
+    def _late_signals(self) -> list:
+        """(signal, the disposition it had before the run) for each of the run's signals whose
+        disposition would kill the process (default) or raise KeyboardInterrupt; main thread only."""
         import signal as _signal
         import threading
 
         if threading.current_thread() is not threading.main_thread():
-            return
-        code = self.exit_code
-
+            return []
+        found = []
         for s in getattr(self.handler, "signals", ()):
             current = _signal.getsignal(s)
-            if current in (_signal.SIG_DFL, _signal.default_int_handler):
-                def late(signum: int, frame: Any) -> None:
-                    raise SystemExit(code)
-                late.preemptible_original = current  # type: ignore[attr-defined] -- a later run restores this
-                _signal.signal(s, late)
+            original = getattr(current, "preemptible_original", current)
+            if original in (_signal.SIG_DFL, _signal.default_int_handler):
+                found.append((s, original))
+        return found
+
+    def _hold_late_signals(self) -> None:
+        """While the run ends (the handler released, the lease and logs not yet): the run's signals
+        are only recorded, and `_end_on_late_signals` ends the run with its own status once it has
+        ended. Nothing in between (the metrics' close, the lease's release) is cut short."""
+        import signal as _signal
+
+        self._late = None
+
+        def hold(signum: int, frame: Any) -> None:
+            self._late = signum
+        for s, original in self._late_signals():
+            _signal.signal(s, _keeping(hold, original))
+
+    def _end_on_late_signals(self) -> None:
+        """After the run ended (committed): the run's signals, where they would kill the process
+        (default disposition) or raise KeyboardInterrupt, end it with the run's own status instead
+        (SystemExit, raised in the main thread like Python's own KeyboardInterrupt), so a late TERM
+        before `exit()` does not turn a finished run into a signal death. `exit()` ignores them. A
+        signal held while the run ended does so now."""
+        import signal as _signal
+
+        code = self.exit_code
+
+        def late(signum: int, frame: Any) -> None:
+            raise SystemExit(code)
+        for s, original in self._late_signals():
+            _signal.signal(s, _keeping(late, original))
+        if getattr(self, "_late", None) is not None:
+            log.info("signal %d arrived after the run ended; exiting with the run's status %d", self._late, code,
+                     extra=LIFECYCLE)
+            self._late = None
+            raise SystemExit(code)
 
     def _stop_lines(self) -> None:
         if self._detach_lines is not None:
@@ -211,3 +242,10 @@ class Ending:
             raise RuntimeError("Run.exit() before the run began: call run.start() (or use `with run:`) first")
         exit_run(self.exit_code, signals=tuple(getattr(self.handler, "signals", ())), fast=fast)
 
+
+def _keeping(handler: Any, original: Any) -> Any:
+    """`handler` as a signal handler of its own that names the disposition a later run restores."""
+    def handle(signum: int, frame: Any) -> None:
+        handler(signum, frame)
+    handle.preemptible_original = original  # type: ignore[attr-defined]
+    return handle
