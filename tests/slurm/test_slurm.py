@@ -16,12 +16,12 @@ SBATCH = REPO / "examples" / "slurm" / "finetune.sbatch"
 STEPS = 300
 
 
-def submit(cluster, run_dir: Path, *sbatch_args, overrides=()):
+def submit(cluster, run_dir: Path, *sbatch_args, overrides=(), env=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     return cluster.sbatch("--ntasks=2", f"--output={run_dir}/slurm-%j.out", "--open-mode=append", f"--chdir={REPO}",
                           *sbatch_args, str(SBATCH), *TINY, "report.log_every=1", *overrides,
                           env={"PYTHON": sys.executable, "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1",
-                               "PYTHONUNBUFFERED": "1"})
+                               "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def job_log(run_dir: Path) -> str:
@@ -128,18 +128,22 @@ def test_a_frozen_task_is_found_by_the_watchdog_and_the_job_requeued(cluster, tm
 
 
 def test_time_limit_signal(cluster, tmp_path):
-    """--time=1 --signal=B:USR2@30: SLURM's own tick sends USR2 30-60 s before the limit."""
+    """--time=1 --signal=B:USR2@30: SLURM itself sends USR2 when 30 s are left, or up to 60 s earlier
+    (its event resolution), so by 30 s into the job. Step 20 of each run takes 30 s (a fault: a
+    step that long, on every rank), so run 1 is inside it when USR2 comes, whatever this machine's
+    speed; the stop checkpoints and requeues, and the requeued run does the rest (a USR2 that comes
+    before it is done requeues it once more, as SLURM would)."""
     started = time.monotonic()
-    # ~20 ms a step: run 1 is still going when USR2 comes; the requeued run finishes the rest.
     jid = submit(cluster, tmp_path, "--requeue", "--time=1", "--signal=B:USR2@30",
-                 overrides=["trainer.max_steps=2500", "stopping.slurm_time_limit=false", "data.batch_size=16"])
+                 overrides=[f"trainer.max_steps={STEPS}", "stopping.slurm_time_limit=false"],
+                 env={"PREEMPTIBLE_FAULTS": '[{"at": "step", "step": 20, "sleep": 30}]'})
     info = cluster.wait(jid, {"COMPLETED", "TIMEOUT", "FAILED"}, timeout=400)
     log = job_log(tmp_path)
     assert info["JobState"] == "COMPLETED", log
     preempted = events(tmp_path, "preempted")
     assert preempted and preempted[0]["signal"] == "SIGUSR2", log
     assert events(tmp_path, "done") and len(events(tmp_path, "resumed")) >= 1
-    assert sorted(losses(tmp_path)) == list(range(1, 2501))
+    assert sorted(losses(tmp_path)) == list(range(1, STEPS + 1))
     assert time.monotonic() - started < 400
 
 
