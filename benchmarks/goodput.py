@@ -17,7 +17,8 @@ Per interruption:
   steps lost          steps done after the last checkpoint, done again (KILL only; a TERM saves first)
 The floor, measured in the same run between our exit and our relaunch (alternating with ours):
   floor relaunch      torchrun starting a script that imports torch, joins the process group and
-                      does one all_reduce (launch -> the all_reduce done on every rank)
+                      does one all_reduce (launch -> the all_reduce done on every rank; its
+                      worker: that worker's process start -> its all_reduce done)
   floor exit          TERM to that torchrun -> its exit (a bare process exit under torchrun)
 Printed: ours / floor for relaunch -> first resumed step, and signal -> exit against one step + the
 stop's save (the `preempted` event's `save_seconds`) + the floor exit (TERM only: a KILL saves nothing),
@@ -150,18 +151,22 @@ def measure_relaunch(run_dir: Path, proc: subprocess.Popen, before: int, launche
         "first_step": (first["time"] - resumed["time"]) if resumed and first else None,
         "relaunch_to_step": (first["time"] - launched) if first else None,
         "floor_relaunch": floor["relaunch"],
+        "floor_worker": floor["worker"],
         "steps_lost": stopped_at - resumed["step"] if resumed else None,
     }
 
 
 FLOOR = """
 import json, os, sys, time
+with open("/proc/self/stat") as f:  # when this process started (as the resumed event's process_started)
+    ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+started = time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
 import torch
 import torch.distributed as dist
 dist.init_process_group("gloo")
 dist.all_reduce(torch.ones(1))
 with open(sys.argv[1], "a") as f:
-    f.write(json.dumps({"rank": dist.get_rank(), "ready": time.time()}) + "\\n")
+    f.write(json.dumps({"rank": dist.get_rank(), "started": started, "ready": time.time()}) + "\\n")
 while True:
     time.sleep(0.01)
 """
@@ -179,12 +184,14 @@ def floor_once(work: Path, nproc: int) -> dict:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     while proc.poll() is None and (not out.exists() or len(out.read_text().splitlines()) < nproc):
         time.sleep(0.01)
-    ready = max(json.loads(line)["ready"] for line in out.read_text().splitlines())
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    ready = max(line["ready"] for line in lines)
+    worker = statistics.median(line["ready"] - line["started"] for line in lines)
     sent = time.time()
     os.kill(proc.pid, signal.SIGTERM)
     proc.wait()
     exited = time.time()
-    return {"relaunch": ready - launched, "exit": exited - sent, "wall": exited - launched}
+    return {"relaunch": ready - launched, "worker": worker, "exit": exited - sent, "wall": exited - launched}
 
 
 def main() -> None:
@@ -227,8 +234,8 @@ def report(recs: list[dict], kind: str, step_time: float) -> None:
         r["relaunch_ratio"] = r["relaunch_to_step"] / r["floor_relaunch"] if r["relaunch_to_step"] else None
         r["exit_floor"] = step_time + (r["save"] or 0.0) + r["floor_exit"]
         r["beyond_step_save"] = r["signal_to_exit"] - step_time - (r["save"] or 0.0)
-    table(recs, ("agent", "worker", "resume", "first_step", "relaunch_to_step", "floor_relaunch", "relaunch_ratio",
-                 "steps_lost"), "relaunch -> first resumed step, against the floor's relaunch -> all_reduce done")
+    table(recs, ("agent", "worker", "resume", "first_step", "relaunch_to_step", "floor_worker", "floor_relaunch",
+                 "relaunch_ratio", "steps_lost"), "relaunch -> first resumed step, against the floor's relaunch -> all_reduce done")
     if kind == "term":
         table(recs, ("signal_to_exit", "to_saved", "save", "teardown", "floor_exit", "exit_floor", "beyond_step_save"),
               f"signal -> exit, against one step ({step_time:.3f} s) + the save + the floor's exit")
