@@ -32,6 +32,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import sys
 from pathlib import Path
@@ -55,17 +56,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir under the current directory)")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    model = GPT(block_size=256, n_layer=args.n_layer, n_head=args.n_embd // 64, n_embd=args.n_embd)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = torch.randint(0, 256, (4, 256))
-
-    def train_step():
-        model(batch, batch).backward()
-
-    train_step()
-    optimizer.step()  # optimizer state exists, as in a real run
-    state = {"model_optim": ModelOptimState(model, optimizer), "progress": {"step": 1}}
+    state, train_step = benchmark_state(args.n_layer, args.n_embd)
     plain = {"model_optim": state["model_optim"].state_dict(), "progress": {"step": 1}}  # what torch.save gets
     tensors = tensors_of(plain)
     nbytes, ntensors = sum(t.numel() * t.element_size() for t in tensors), len(tensors)
@@ -138,6 +129,22 @@ def main() -> None:
           "a durable save cannot be faster on this disk.\n"
           "disk alone, O_DIRECT: the same bytes, already in one page-aligned buffer, written around the page cache by "
           f"{DirectWriter.THREADS} threads in {DirectWriter.CHUNK >> 20} MiB writes, fsync'd: the disk's own speed.")
+
+
+def benchmark_state(n_layer: int, n_embd: int) -> tuple[dict, Any]:
+    """The recipe's GPT and AdamW after one step (the optimizer's state exists, as in a real run):
+    (the state a Run saves, a function that runs one forward/backward)."""
+    torch.manual_seed(0)
+    model = GPT(block_size=256, n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = torch.randint(0, 256, (4, 256))
+
+    def train_step():
+        model(batch, batch).backward()
+
+    train_step()
+    optimizer.step()
+    return {"model_optim": ModelOptimState(model, optimizer), "progress": {"step": 1}}, train_step
 
 
 @contextlib.contextmanager

@@ -33,10 +33,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # the recipe's building blocks
-from finetune_parts.model import GPT  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoint_cost import benchmark_state  # noqa: E402  (the same state as the checkpoint benchmark)
 from preemptible.checkpoint.writer import Checkpointer  # noqa: E402
-from preemptible.run.state import ModelOptimState  # noqa: E402
 
 
 def drop_pages(path: Path) -> None:
@@ -78,13 +77,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir under the current directory)")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    model = GPT(block_size=256, n_layer=args.n_layer, n_head=args.n_embd // 64, n_embd=args.n_embd)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = torch.randint(0, 256, (4, 256))
-    model(batch, batch).backward()
-    optimizer.step()  # optimizer state exists, as in a real run
-    state = {"model_optim": ModelOptimState(model, optimizer), "progress": {"step": 1}}
+    state, _ = benchmark_state(args.n_layer, args.n_embd)
     root = tempfile.mkdtemp(prefix="resume-bench-", dir=args.dir or os.getcwd())
     try:
         cp = Checkpointer(dir=root, interval=1, keep=1)
