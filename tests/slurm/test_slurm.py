@@ -133,9 +133,9 @@ def test_time_limit_signal(cluster, tmp_path):
     step that long, on every rank), so run 1 is inside it when USR2 comes, whatever this machine's
     speed; the stop checkpoints and requeues, and the requeued run does the rest (a USR2 that comes
     before it is done requeues it once more, as SLURM would)."""
-    started = time.monotonic()
+    started, steps = time.monotonic(), 40  # the requeued run's 20 steps fit before its own USR2 on a busy machine
     jid = submit(cluster, tmp_path, "--requeue", "--time=1", "--signal=B:USR2@30",
-                 overrides=[f"trainer.max_steps={STEPS}", "stopping.slurm_time_limit=false"],
+                 overrides=[f"trainer.max_steps={steps}", "stopping.slurm_time_limit=false"],
                  env={"PREEMPTIBLE_FAULTS": '[{"at": "step", "step": 20, "sleep": 30}]'})
     info = cluster.wait(jid, {"COMPLETED", "TIMEOUT", "FAILED"}, timeout=400)
     log = job_log(tmp_path)
@@ -143,7 +143,7 @@ def test_time_limit_signal(cluster, tmp_path):
     preempted = events(tmp_path, "preempted")
     assert preempted and preempted[0]["signal"] == "SIGUSR2", log
     assert events(tmp_path, "done") and len(events(tmp_path, "resumed")) >= 1
-    assert sorted(losses(tmp_path)) == list(range(1, STEPS + 1))
+    assert sorted(losses(tmp_path)) == list(range(1, steps + 1))
     assert time.monotonic() - started < 400
 
 
