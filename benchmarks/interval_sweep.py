@@ -19,7 +19,6 @@ time / wall, kills, steps done again, and goodput / the best fixed interval's (t
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import signal
@@ -30,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from preemptible.checkpoint.interval import daly
 from preemptible.observe.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,10 +60,6 @@ def probe(work: Path, steps: int = 120, interval: int = 30) -> tuple[float, floa
     plain = statistics.median(g for s, g in gaps.items() if (s - 1) % interval)
     saving = [g for s, g in gaps.items() if (s - 1) % interval == 0 and s > 1]  # the step after a save
     return plain, statistics.median(saving) - plain if saving else 0.0
-
-
-def daly(cost: float, every: float) -> float:
-    return every if cost >= 2 * every else math.sqrt(2 * cost * every) - cost
 
 
 def through_schedule(run_dir: Path, steps: int, interval, extra: list[str], kills: list[float]) -> dict:

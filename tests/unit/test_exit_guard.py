@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from distributed_helpers import free_port
 from preemptible.names import LEASE
 from zygote import run_python
@@ -142,3 +144,30 @@ def test_lifecycle_lines_on_stderr_with_no_logging_configured_and_silenced_on_re
     assert code == 0 and "preemptible: already finished at step 6" in err, err
     code, err = go(6, "", setup="import logging; logging.getLogger('preemptible').setLevel(logging.WARNING)")
     assert code == 0 and "already finished" not in err and "resumed from" not in err, err
+
+
+@pytest.mark.parametrize("signalled", [False, True])
+def test_an_end_that_fails_after_the_handler_is_released_gives_the_signals_back(tmp_path, monkeypatch, signalled):
+    """The final close fails (CheckpointError): the signals the end held act as before the run again,
+    and a Ctrl-C that arrived while they were held is delivered (KeyboardInterrupt), not lost."""
+    import os
+    import signal
+
+    import torch
+
+    from preemptible import CheckpointError, Checkpointer, Run
+
+    def failing_close(self):
+        if signalled:
+            os.kill(os.getpid(), signal.SIGINT)  # held: the end is under way
+        raise CheckpointError("the save in flight failed")
+
+    monkeypatch.setattr(Checkpointer, "close", failing_close)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    run = Run(tmp_path, model=torch.nn.Linear(1, 1), max_steps=2)
+    with pytest.raises(KeyboardInterrupt if signalled else CheckpointError):
+        with run:
+            while run.step < 2:
+                run.step_done()
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert not (tmp_path / LEASE).exists()

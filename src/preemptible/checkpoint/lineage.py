@@ -36,6 +36,8 @@ class Resume:
 class Finding:
     """Finding the checkpoint to resume from (see the module docstring); mixed into `Checkpointer`."""
 
+    _sums_while_loading = False  # set by resume_path(sums_while_loading=True) while rank 0 decides
+
     # -- finding ---------------------------------------------------------------------------
 
     def _top_level(self) -> list[Path]:
@@ -103,7 +105,7 @@ class Finding:
     @property
     def _sums_first(self) -> bool:
         """Whether choosing a checkpoint reads every file's CRC-32C (else the load checks them)."""
-        return self.verify and not getattr(self, "_sums_while_loading", False)
+        return self.verify and not self._sums_while_loading
 
     def resume_path(self, sums_while_loading: bool = False) -> Resume:
         """Where to resume from, decided by rank 0 and the same on every rank; ConfigError if invalid.

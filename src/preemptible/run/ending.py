@@ -139,13 +139,25 @@ class Ending:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        held = clean and self.exit_code is not None and self.handler is not None
         if self.handler is not None:
             # The original handlers are back. A late TERM from torchrun (ending the other workers
             # once one has exited) cannot come before every rank is inside exit(): its barrier
             # follows ignoring late signals, so no worker exits before all of them ignore them.
             self.handler.release()
-            if clean and self.exit_code is not None:
+            if held:
                 self._hold_late_signals()  # at once: a signal from here on cannot kill a finished run
+        try:
+            self._close_out(clean)
+        except BaseException:
+            if held:
+                self._let_held_signals_go()  # the run did not end whole: signals act as before it
+            raise
+        if held:
+            self._end_on_late_signals()
+
+    def _close_out(self, clean: bool) -> None:
+        """The end after the handler's release: the save in flight, the records, the lease, the requeue."""
         try:
             self.checkpointer.close()  # an async save in flight is committed (a valid checkpoint)
         except CheckpointError:
@@ -167,8 +179,6 @@ class Ending:
             self._stop_lines()
         if clean and self.stop is not None and self.rank == 0 and self._wants_requeue():
             slurm.requeue()  # only now: the checkpoint is durable and every rank is past its last collective
-        if clean and self.exit_code is not None and self.handler is not None:
-            self._end_on_late_signals()
 
     def _late_signals(self) -> list:
         """(signal, the disposition it had before the run) for each of the run's signals whose
@@ -199,6 +209,17 @@ class Ending:
         for s, original in self._late_signals():
             _signal.signal(s, _keeping(hold, original))
 
+    def _let_held_signals_go(self) -> None:
+        """The end failed after the signals were held: their dispositions from before the run are
+        back, and one that arrived meanwhile is delivered to them now."""
+        import signal as _signal
+
+        for s, original in self._late_signals():
+            _signal.signal(s, original)
+        late, self._late = self._late, None
+        if late is not None:
+            _signal.raise_signal(late)
+
     def _end_on_late_signals(self) -> None:
         """After the run ended (committed): the run's signals, where they would kill the process
         (default disposition) or raise KeyboardInterrupt, end it with the run's own status instead
@@ -213,7 +234,7 @@ class Ending:
             raise SystemExit(code)
         for s, original in self._late_signals():
             _signal.signal(s, _keeping(late, original))
-        if getattr(self, "_late", None) is not None:
+        if self._late is not None:
             log.info("signal %d arrived after the run ended; exiting with the run's status %d", self._late, code,
                      extra=LIFECYCLE)
             self._late = None

@@ -69,6 +69,7 @@ log = logging.getLogger("preemptible.run")
 AFTER_STEP = "after step {step}: the stop check (a collective) and a periodic save"
 IN_STEP = "step {step}: the loop's own code (data, forward, backward with DDP's gradient all_reduce, the optimizer)"
 
+
 class Run(Resuming, Saving, Ending):
     """A training run that survives preemption: see the module docstring and docs/api.md.
 
