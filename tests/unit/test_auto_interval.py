@@ -21,17 +21,35 @@ def test_dalys_rule_and_the_overhead_it_minimises():
 
 
 def test_the_time_between_interruptions_is_learned_from_the_run_directory():
-    rows = [{"step": s, "time": 100.0 + s} for s in range(1, 11)]                      # 9 s trained
-    rows += [{"event": "preempted", "step": 10, "signal": "SIGTERM", "time": 111.0}]
-    rows += [{"event": "resumed", "step": 10, "time": 200.0}] + [{"step": s, "time": 190.0 + s} for s in range(11, 22)]
-    rows += [{"event": "killed", "step": 20, "time": 300.0}, {"event": "resumed", "step": 20, "time": 300.0}]
-    rows += [{"step": s, "time": 280.0 + s} for s in range(21, 32)]                    # 10 + 10 s more
+    rows = [{"step": s, "time": 100.0 + s} for s in range(1, 11)]                      # fresh: 101 -> 111
+    rows += [{"event": "preempted", "step": 10, "signal": "SIGTERM", "time": 111.0}]    # 10 s alive
+    rows += [{"event": "resumed", "step": 10, "time": 200.0, "process_started": 195.0}]
+    rows += [{"step": s, "time": 190.0 + s} for s in range(11, 22)]                    # 195 -> 211: 16 s
+    rows += [{"event": "killed", "step": 20, "time": 300.0}]       # written by the next run at 300: not alive time
+    rows += [{"event": "resumed", "step": 20, "time": 300.0, "process_started": 290.0}]
+    rows += [{"step": s, "time": 280.0 + s} for s in range(21, 32)]                    # 290 -> 320: 30 s
     rows += [{"event": "preempted", "step": 31, "signal": "time limit", "time": 320.0}]  # planned: not counted
     every, basis = learned_every(rows)
-    assert every == pytest.approx(29.0 / 2) and "2 interruption(s)" in basis
+    assert every == pytest.approx((10 + 16 + 30) / 2) and "2 interruption(s) in 56s alive" in basis
     assert learned_every([])[0] == DEFAULT_INTERRUPT_EVERY
     long_quiet = [{"step": s, "time": float(s)} for s in range(0, 5000, 1000)] + [{"step": 9, "time": 9000.0}]
     assert learned_every(long_quiet)[0] == pytest.approx(9000.0)  # at least as long as it has run
+
+
+def test_a_kill_during_a_start_up_counts_the_start_up_as_time_alive():
+    """Found by the interval sweep: kills that land while runs start (before a step row) counted an
+    interruption each and no time, so the learned rate collapsed and the run saved every step."""
+    rows = [{"step": s, "time": float(s)} for s in range(0, 61, 10)]                    # 60 s of training
+    for k in range(3):                                                                   # three runs killed while
+        began = 100.0 + 20 * k                                                           # loading: 12 s alive each
+        rows += [{"event": "killed", "step": 60, "time": began + 2},
+                 {"event": "resumed", "step": 60, "time": began + 12, "process_started": began}]
+    rows += [{"event": "killed", "step": 60, "time": 200.0}]
+    every, basis = learned_every(rows)
+    assert every == pytest.approx((60 + 3 * 12) / 4) and "4 interruption(s)" in basis
+    # Numbers that are not numbers (a hand-edited file) are not times.
+    assert learned_every([{"step": 1, "time": True}, {"event": "resumed", "process_started": "x", "time": 5.0},
+                          {"step": 2, "time": 9.0}, {"event": "hung", "time": 10.0}])[0] == pytest.approx(5.0)
 
 
 def test_the_choice_uses_the_measured_step_and_save():

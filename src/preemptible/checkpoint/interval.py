@@ -9,9 +9,10 @@ the first, the state's bytes at the write speed measured at start). An interrupt
 
 and the expected share of time lost is about C / tau + (tau + C) / (2 M). `M` is
 `Checkpointer(interrupt_every=)` seconds, or learned from this run directory's history: the time
-it spent training (between step rows of one run) over the interruptions it had (stops on a signal
-or a notice, kills, hangs; not time limits, which are saved before); with none yet, the longer of
-that time and DEFAULT_INTERRUPT_EVERY. The interval in steps is tau over the measured step time.
+its runs were alive (each from its process's start to its last record, so a kill during a start-up
+adds its time too) over the interruptions they had (stops on a signal or a notice, kills, hangs;
+not time limits, which are saved before); with none yet, the longer of that time and
+DEFAULT_INTERRUPT_EVERY. The interval in steps is tau over the measured step time.
 Rank 0 chooses; every rank takes its choice (saves are collective).
 """
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from preemptible.distributed.env import broadcast_object
+from preemptible.observe.metrics import ENDS
 
 DEFAULT_INTERRUPT_EVERY = 3600.0  # seconds assumed between interruptions while a run has no history
 COUNTED = ("preempted", "killed", "hung")  # ends that interrupt (a time limit's stop is planned: not counted)
@@ -40,24 +42,46 @@ def overhead(tau: float, cost: float, every: float) -> float:
     return cost / tau + (tau + cost) / (2 * every)
 
 
-def learned_every(rows: list[dict]) -> tuple[float, str]:
-    """(seconds between interruptions, how it was found) from a run's metrics rows."""
-    trained, count, last = 0.0, 0, None
+def _alive(rows: list[dict]) -> tuple[float, int]:
+    """(seconds the runs in `rows` were alive, the interruptions among their ends). A run's time
+    runs from its process's start (the `resumed` event's `process_started`; a fresh run's first
+    row) to its last row: start-ups count, since a kill can land in one too. A `killed` event is
+    written by the next run, so its own time is not the killed run's."""
+    alive, count, start, last = 0.0, 0, None, None
+
+    def close() -> float:
+        return last - start if start is not None and last is not None and last > start else 0.0
+
     for row in rows:
-        if "event" in row:
-            if row["event"] in COUNTED and row.get("signal") != "time limit":
-                count += 1
-            last = None  # a gap across an event is not training time
+        event, t = row.get("event"), row.get("time")
+        t = t if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+        if event in COUNTED and row.get("signal") != "time limit":
+            count += 1
+        if event in ENDS:
+            if event != "killed" and t is not None:
+                last = t if last is None else max(last, t)
+            alive, start, last = alive + close(), None, None
             continue
-        t = row.get("time")
-        if isinstance(t, (int, float)):
-            if last is not None and t > last:
-                trained += t - last
-            last = t
+        if event == "resumed":
+            alive += close()  # a run that left no end (the file's first, or a torn one)
+            began = row.get("process_started")
+            began = began if isinstance(began, (int, float)) and not isinstance(began, bool) else t
+            start, last = began, t
+            continue
+        if t is not None:
+            start = t if start is None else start
+            last = t if last is None else max(last, t)
+    return alive + close(), count
+
+
+def learned_every(rows: list[dict]) -> tuple[float, str]:
+    """(seconds between interruptions, how it was found) from a run directory's metrics rows: the
+    time its runs were alive, start-ups included, over the interruptions they had."""
+    alive, count = _alive(rows)
     if count:
-        return trained / count, f"{count} interruption(s) in {trained:.0f}s of training in this run directory"
-    if trained > DEFAULT_INTERRUPT_EVERY:
-        return trained, f"no interruption yet in {trained:.0f}s of training in this run directory"
+        return alive / count, f"{count} interruption(s) in {alive:.0f}s alive in this run directory"
+    if alive > DEFAULT_INTERRUPT_EVERY:
+        return alive, f"no interruption yet in {alive:.0f}s alive in this run directory"
     return DEFAULT_INTERRUPT_EVERY, f"no interruption yet: {DEFAULT_INTERRUPT_EVERY:.0f}s assumed"
 
 
