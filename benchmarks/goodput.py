@@ -20,6 +20,10 @@ The floor, measured in the same run between our exit and our relaunch (alternati
                       does one all_reduce (launch -> the all_reduce done on every rank; its
                       worker: that worker's process start -> its all_reduce done)
   floor exit          TERM to that torchrun -> its exit (a bare process exit under torchrun)
+  floor + deps        the same script, plus what the recipe pays that is not ours: it imports torch's
+                      checkpoint package, makes a torch optimizer (which imports torch._dynamo) and
+                      composes the recipe's configuration through hydra.main with the same overrides;
+                      ours / this is the share of a relaunch that is the library's and the recipe's own
 Printed: ours / floor for relaunch -> first resumed step, and signal -> exit against one step + the
 stop's save (the `preempted` event's `save_seconds`) + the floor exit (TERM only: a KILL saves nothing),
 split into signal -> the `preempted` event (the agreed stop and the save) and the teardown after it.
@@ -52,10 +56,13 @@ def rows(run_dir: Path) -> list[dict]:
 EXTRA: list[str] = []  # --override
 
 
+def recipe_args(run_dir: Path, steps: int, interval: int) -> list[str]:
+    return [f"run_dir={run_dir}", *MODEL, f"trainer.max_steps={steps}", f"checkpoint.interval={interval}", *EXTRA]
+
+
 def launch(run_dir: Path, steps: int, interval: int, nproc: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "recipes" / "finetune.py"), f"run_dir={run_dir}", *MODEL, f"trainer.max_steps={steps}",
-           f"checkpoint.interval={interval}", *EXTRA]
+           str(REPO / "recipes" / "finetune.py"), *recipe_args(run_dir, steps, interval)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -100,7 +107,9 @@ def preempted(work: Path, kind: str, steps: int, interval: int, nproc: int, peri
         proc.wait()
         exited = time.time()
         floor = floor_once(work, nproc)
-        floor_wall += floor["wall"]
+        deps = floor_once(work, nproc, deps=True, overrides=recipe_args(run_dir, steps, interval))
+        floor = {**floor, "deps_relaunch": deps["relaunch"], "deps_worker": deps["worker"]}
+        floor_wall += floor["wall"] + deps["wall"]
         before = len(rows(run_dir))
         launched = time.time()
         proc = launch(run_dir, steps, interval, nproc)
@@ -152,6 +161,8 @@ def measure_relaunch(run_dir: Path, proc: subprocess.Popen, before: int, launche
         "relaunch_to_step": (first["time"] - launched) if first else None,
         "floor_relaunch": floor["relaunch"],
         "floor_worker": floor["worker"],
+        "deps_relaunch": floor["deps_relaunch"],
+        "deps_worker": floor["deps_worker"],
         "steps_lost": stopped_at - resumed["step"] if resumed else None,
     }
 
@@ -163,27 +174,49 @@ with open("/proc/self/stat") as f:  # when this process started (as the resumed 
 started = time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
 import torch
 import torch.distributed as dist
-dist.init_process_group("gloo")
-dist.all_reduce(torch.ones(1))
-with open(sys.argv[1], "a") as f:
-    f.write(json.dumps({"rank": dist.get_rank(), "started": started, "ready": time.time()}) + "\\n")
-while True:
-    time.sleep(0.01)
+{deps}
+def ready():
+    dist.init_process_group("gloo")
+    dist.all_reduce(torch.ones(1))
+    with open(os.environ["FLOOR_OUT"], "a") as f:
+        f.write(json.dumps({{"rank": dist.get_rank(), "started": started, "ready": time.time()}}) + "\\n")
+    while True:
+        time.sleep(0.01)
+{call}
+"""
+# What any run of the recipe pays that is not ours: torch's checkpoint package (a resume needs it
+# before its first step), the first torch optimizer (it imports torch._dynamo), and Hydra composing
+# the recipe's configuration with the same overrides (through hydra.main, as the recipe does).
+DEPS = """
+import torch.distributed.checkpoint
+import hydra
+torch.optim.AdamW(torch.nn.Linear(4, 4).parameters())
+"""
+DEPS_CALL = """
+@hydra.main(config_path={conf!r}, config_name="finetune", version_base="1.3")
+def main(cfg):
+    ready()
+main()
 """
 
 
-def floor_once(work: Path, nproc: int) -> dict:
-    """One relaunch and exit of the floor script under torchrun: {"relaunch": s, "exit": s, "wall": s}."""
-    script, out = work / "floor.py", work / "floor-ready.jsonl"
-    script.write_text(FLOOR)
+def floor_once(work: Path, nproc: int, deps: bool = False, overrides: tuple = ()) -> dict:
+    """One relaunch and exit of the floor script under torchrun: {"relaunch": s, "worker": s, "exit": s,
+    "wall": s}. `deps`: the floor plus what the recipe needs that is not ours (DEPS), composing the
+    recipe's configuration with `overrides`."""
+    script, out = work / f"floor{'-deps' if deps else ''}.py", work / "floor-ready.jsonl"
+    script.write_text(FLOOR.format(deps=DEPS if deps else "",
+                                   call=DEPS_CALL.format(conf=str(REPO / "conf")) if deps else "ready()"))
     out.unlink(missing_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", FLOOR_OUT=str(out))
     launched = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={nproc}", str(script), str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                             f"--nproc_per_node={nproc}", str(script), *(overrides if deps else ())], env=env,
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     while proc.poll() is None and (not out.exists() or len(out.read_text().splitlines()) < nproc):
         time.sleep(0.01)
+    if proc.poll() is not None:
+        raise RuntimeError(f"the floor script {script.name} exited with {proc.returncode}")
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     ready = max(line["ready"] for line in lines)
     worker = statistics.median(line["ready"] - line["started"] for line in lines)
@@ -232,6 +265,7 @@ def report(recs: list[dict], kind: str, step_time: float) -> None:
         return
     for r in recs:
         r["relaunch_ratio"] = r["relaunch_to_step"] / r["floor_relaunch"] if r["relaunch_to_step"] else None
+        r["deps_ratio"] = r["relaunch_to_step"] / r["deps_relaunch"] if r["relaunch_to_step"] else None
         r["exit_floor"] = step_time + (r["save"] or 0.0) + r["floor_exit"]
         r["beyond_step_save"] = r["signal_to_exit"] - step_time - (r["save"] or 0.0)
     table(recs, ("agent", "worker", "resume", "first_step", "relaunch_to_step", "floor_worker", "floor_relaunch",
@@ -239,9 +273,14 @@ def report(recs: list[dict], kind: str, step_time: float) -> None:
     if kind == "term":
         table(recs, ("signal_to_exit", "to_saved", "save", "teardown", "floor_exit", "exit_floor", "beyond_step_save"),
               f"signal -> exit, against one step ({step_time:.3f} s) + the save + the floor's exit")
+    table(recs, ("relaunch_to_step", "deps_worker", "deps_relaunch", "deps_ratio"),
+          "relaunch -> first resumed step, against the floor + the recipe's dependencies (DCP, an optimizer, Hydra)")
     ratios = [r["relaunch_ratio"] for r in recs if r["relaunch_ratio"]]
     print(f"  relaunch -> first step, ours / floor: median {statistics.median(ratios):.2f} "
           f"({min(ratios):.2f}-{max(ratios):.2f}; target <= 1.3)")
+    ratios = [r["deps_ratio"] for r in recs if r["deps_ratio"]]
+    print(f"  relaunch -> first step, ours / (floor + the recipe's dependencies): median "
+          f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
     if kind == "term":
         over = [r["beyond_step_save"] for r in recs]
         ratio = [r["signal_to_exit"] / r["exit_floor"] for r in recs]

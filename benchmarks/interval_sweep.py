@@ -1,10 +1,10 @@
 """Save intervals under random SIGKILLs: `checkpoint.interval=auto` against a sweep of fixed ones.
 
-    python benchmarks/interval_sweep.py [--every 60] [--minutes 3] [--rounds 2] [--seed 0]
+    python benchmarks/interval_sweep.py [--every 60] [--minutes 3] [--rounds 2] [--seed 0] [--factors 0.25,0.5,1,2,4]
 
 The recipe, one process on the CPU, a model whose save costs the loop a noticeable time. A probe
-run measures the step time and what a save adds to its step; the sweep's fixed intervals are 1/4,
-1/2, 1, 2 and 4 times Daly's interval for those costs and one interruption every `--every` s. Each
+run measures the step time and what a save adds to its step; the sweep's fixed intervals are
+`--factors` times Daly's interval for those costs and one interruption every `--every` s. Each
 round draws one schedule of SIGKILLs (no warning: exponential gaps, mean `--every` s, counted in
 wall time from the configuration's start, start-ups included) and runs every configuration
 through that same schedule, in a fresh random order, each from an empty run directory until it
@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=3.0, help="uninterrupted minutes of work per round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--factors", default="0.25,0.5,1,2,4",
+                    help="the fixed intervals, as multiples of Daly's interval for the probe's costs")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="interval-sweep-", dir=os.getcwd()) as tmp:
@@ -103,7 +105,7 @@ def main() -> None:
         steps = int(args.minutes * 60 / step)
         base = max(1, round(tau / step))
         configs = {f"fixed {f:g}x ({max(1, round(base * f))} steps)": (max(1, round(base * f)), [])
-                   for f in (0.25, 0.5, 1, 2, 4)}
+                   for f in (float(x) for x in args.factors.split(","))}
         configs["auto"] = ("auto", [])
         configs["auto, told"] = ("auto", [f"checkpoint.interrupt_every={args.every:g}"])
         print(f"machine: {os.uname().machine} {os.cpu_count()} cpus | recipe, one process | {' '.join(MODEL)}")

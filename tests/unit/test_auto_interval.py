@@ -52,6 +52,25 @@ def test_a_kill_during_a_start_up_counts_the_start_up_as_time_alive():
                           {"step": 2, "time": 9.0}, {"event": "hung", "time": 10.0}])[0] == pytest.approx(5.0)
 
 
+def test_the_estimate_counts_this_runs_time_as_it_goes(tmp_path, monkeypatch):
+    """Total time alive over the interruptions: the run's own time joins the history as it runs, so
+    a run that outlives its history's rate saves less often, as the rate it has seen falls."""
+    from preemptible.checkpoint import interval
+    from preemptible.observe.metrics import append_rows
+
+    append_rows(str(tmp_path / "metrics.jsonl"), [{"step": 1, "time": 0.0}, {"step": 2, "time": 60.0},
+                                                  {"event": "killed", "step": 0, "time": 100.0}])
+    now = [1000.0]
+    monkeypatch.setattr(interval.time, "time", lambda: now[0])
+    auto = AutoInterval(interrupt_every=None, run_dir=tmp_path)
+    assert auto.every() == (pytest.approx(60.0), "1 interruption(s) in 60s alive in this run directory")
+    now[0] += 240.0
+    assert auto.every()[0] == pytest.approx(300.0)
+    told = AutoInterval(interrupt_every=50.0, run_dir=tmp_path)
+    now[0] += 1000.0
+    assert told.every() == (50.0, "interrupt_every")
+
+
 def test_the_choice_uses_the_measured_step_and_save():
     auto = AutoInterval(interrupt_every=200.0, run_dir="unused")
     for i in range(6):

@@ -11,8 +11,8 @@ and the expected share of time lost is about C / tau + (tau + C) / (2 M). `M` is
 `Checkpointer(interrupt_every=)` seconds, or learned from this run directory's history: the time
 its runs were alive (each from its process's start to its last record, so a kill during a start-up
 adds its time too) over the interruptions they had (stops on a signal or a notice, kills, hangs;
-not time limits, which are saved before); with none yet, the longer of that time and
-DEFAULT_INTERRUPT_EVERY. The interval in steps is tau over the measured step time.
+not time limits, which are saved before), this run's time so far included; with none yet, the
+longer of that time and DEFAULT_INTERRUPT_EVERY. The interval in steps is tau over the measured step time.
 Rank 0 chooses; every rank takes its choice (saves are collective).
 """
 
@@ -74,15 +74,19 @@ def _alive(rows: list[dict]) -> tuple[float, int]:
     return alive + close(), count
 
 
-def learned_every(rows: list[dict]) -> tuple[float, str]:
-    """(seconds between interruptions, how it was found) from a run directory's metrics rows: the
-    time its runs were alive, start-ups included, over the interruptions they had."""
-    alive, count = _alive(rows)
+def expected_every(alive: float, count: int) -> tuple[float, str]:
+    """(seconds between interruptions, how it was found) from `alive` seconds with `count` interruptions."""
     if count:
         return alive / count, f"{count} interruption(s) in {alive:.0f}s alive in this run directory"
     if alive > DEFAULT_INTERRUPT_EVERY:
         return alive, f"no interruption yet in {alive:.0f}s alive in this run directory"
     return DEFAULT_INTERRUPT_EVERY, f"no interruption yet: {DEFAULT_INTERRUPT_EVERY:.0f}s assumed"
+
+
+def learned_every(rows: list[dict]) -> tuple[float, str]:
+    """(seconds between interruptions, how it was found) from a run directory's metrics rows: the
+    time its runs were alive, start-ups included, over the interruptions they had."""
+    return expected_every(*_alive(rows))
 
 
 @dataclass
@@ -104,17 +108,24 @@ class AutoInterval:
     """Rank 0's bookkeeping for interval='auto': the step time, the save cost, the choice."""
 
     def __init__(self, interrupt_every: Optional[float], run_dir: Any):
-        if interrupt_every is not None:
-            self.every, self.basis = float(interrupt_every), "interrupt_every"
-        else:
+        self._told = None if interrupt_every is None else float(interrupt_every)
+        self._alive, self._count, self._read_at = 0.0, 0, time.time()
+        if self._told is None:
             from preemptible.observe.metrics import read_metrics
             from preemptible.names import METRICS
 
             path = os.path.join(os.fspath(run_dir), METRICS)
-            self.every, self.basis = learned_every(read_metrics(path) if os.path.exists(path) else [])
+            self._alive, self._count = _alive(read_metrics(path) if os.path.exists(path) else [])
         self.step_seconds: Optional[float] = None
         self.save_cost: Optional[float] = None
         self._last: Optional[float] = None
+
+    def every(self) -> tuple[float, str]:
+        """(seconds between interruptions, basis) now: as told, or the history read at start plus
+        the time this run has been alive since."""
+        if self._told is not None:
+            return self._told, "interrupt_every"
+        return expected_every(self._alive + max(0.0, time.time() - self._read_at), self._count)
 
     def step(self, now: float, saved: bool) -> None:
         """At a step boundary; a step that saved is not a step's time."""
@@ -129,9 +140,10 @@ class AutoInterval:
     def choose(self, estimate: float) -> Choice:
         """The interval now; `estimate`: the save's cost until one was timed."""
         cost = self.save_cost if self.save_cost is not None else estimate
-        tau = daly(cost, self.every)
+        every, basis = self.every()
+        tau = daly(cost, every)
         steps = max(1, round(tau / self.step_seconds)) if self.step_seconds else 1
-        return Choice(steps, tau, cost, self.every, overhead(tau, cost, self.every), self.basis)
+        return Choice(steps, tau, cost, every, overhead(tau, cost, every), basis)
 
 
 FIRST_CHOICE_AFTER = 3  # steps timed before the first choice (no periodic save before it)
