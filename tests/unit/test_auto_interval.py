@@ -4,7 +4,6 @@ saying and keeping its interval (every rank at the same steps: tests/multiproces
 import json
 import math
 import time
-from pathlib import Path
 
 import pytest
 import torch
