@@ -70,10 +70,32 @@ def test_the_estimate_counts_this_runs_time_as_it_goes(tmp_path, monkeypatch):
     assert told.every() == (50.0, "interrupt_every")
 
 
+def test_a_slow_first_step_does_not_trap_the_run_into_saving_every_step(monkeypatch):
+    """Found by the interval sweep: the first step after a start (5 s of warm-up here) was the step
+    time's first sample and dominated it, so the interval came out as 1 step; a step that saved was
+    then never timed, and the run saved every step from there on."""
+    from preemptible.checkpoint import interval
+
+    clock = [0.0]
+    monkeypatch.setattr(interval.time, "monotonic", lambda: clock[0])
+    schedule = interval.AutoSchedule(60.0, "unused", rank=0, start_step=0, say=lambda choice: None)
+    saves = []
+    for step in range(400):
+        schedule.boundary(step, lambda: 0.1)
+        if schedule.due(step):
+            clock[0] += 0.1  # the save blocks the loop for 0.1 s
+            schedule.saved(step, 0.1)
+            saves.append(step)
+        clock[0] += 5.0 if step == 0 else 0.2
+    best = round((math.sqrt(2 * 0.1 * 60.0) - 0.1) / 0.2)  # Daly: 3.36 s = 17 steps of 0.2 s
+    assert schedule.every == best and schedule.auto.step_seconds == pytest.approx(0.2)
+    assert saves == list(range(best, 400, best))  # from the start step, every `best` steps
+
+
 def test_the_choice_uses_the_measured_step_and_save():
     auto = AutoInterval(interrupt_every=200.0, run_dir="unused")
     for i in range(6):
-        auto.step(i * 0.1, saved=False)
+        auto.step(i * 0.1)
     choice = auto.choose(estimate=0.5)
     assert choice.basis == "interrupt_every" and choice.save_cost == 0.5
     assert choice.steps == round((math.sqrt(2 * 0.5 * 200.0) - 0.5) / 0.1)

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from preemptible.distributed.env import broadcast_object
 from preemptible.observe.metrics import ENDS
 
+STEP_SAMPLES = 32  # recent step times whose median is the step time
 DEFAULT_INTERRUPT_EVERY = 3600.0  # seconds assumed between interruptions while a run has no history
 COUNTED = ("preempted", "killed", "hung")  # ends that interrupt (a time limit's stop is planned: not counted)
 
@@ -116,7 +119,8 @@ class AutoInterval:
 
             path = os.path.join(os.fspath(run_dir), METRICS)
             self._alive, self._count = _alive(read_metrics(path) if os.path.exists(path) else [])
-        self.step_seconds: Optional[float] = None
+        self._steps: deque[float] = deque(maxlen=STEP_SAMPLES)
+        self._warm = False
         self.save_cost: Optional[float] = None
         self._last: Optional[float] = None
 
@@ -127,11 +131,19 @@ class AutoInterval:
             return self._told, "interrupt_every"
         return expected_every(self._alive + max(0.0, time.time() - self._read_at), self._count)
 
-    def step(self, now: float, saved: bool) -> None:
-        """At a step boundary; a step that saved is not a step's time."""
-        if self._last is not None and not saved:
-            dt = now - self._last
-            self.step_seconds = dt if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * dt
+    @property
+    def step_seconds(self) -> Optional[float]:
+        """The median of the recent steps' times (robust to a slow step: an evaluation, a warm-up)."""
+        return statistics.median(self._steps) if self._steps else None
+
+    def step(self, now: float, saved_seconds: float = 0.0) -> None:
+        """At a step boundary; `saved_seconds`: what a save at the last boundary blocked the loop
+        for (not the step's time). Every step gives a sample, so a run that saves every step still
+        learns its step time; the first step after the start (warm-up) gives none."""
+        if self._last is not None:
+            if self._warm:
+                self._steps.append(max(now - self._last - saved_seconds, 1e-6))
+            self._warm = True
         self._last = now
 
     def saved(self, seconds: float) -> None:
@@ -146,7 +158,7 @@ class AutoInterval:
         return Choice(steps, tau, cost, every, overhead(tau, cost, every), basis)
 
 
-FIRST_CHOICE_AFTER = 3  # steps timed before the first choice (no periodic save before it)
+FIRST_CHOICE_AFTER = 3  # steps before the first choice (no periodic save before it; the first is warm-up, not timed)
 
 
 class AutoSchedule:
@@ -162,11 +174,12 @@ class AutoSchedule:
         self.last_save = start_step
         self._choose_at = start_step + FIRST_CHOICE_AFTER
         self._saved_step: Optional[int] = None
+        self._save_seconds = 0.0
 
     def boundary(self, step: int, estimate: Any) -> None:
         """At each step boundary, before `due`; `estimate()`: a save's cost until one is timed."""
         if self.auto is not None:
-            self.auto.step(time.monotonic(), saved=self._saved_step == step - 1)
+            self.auto.step(time.monotonic(), self._save_seconds if self._saved_step == step - 1 else 0.0)
         if step != self._choose_at:
             return
         choice = self.auto.choose(estimate()) if self.auto is not None else None
@@ -180,5 +193,6 @@ class AutoSchedule:
 
     def saved(self, step: int, seconds: float) -> None:
         self.last_save, self._saved_step, self._choose_at = step, step, step + 1
+        self._save_seconds = seconds
         if self.auto is not None:
             self.auto.saved(seconds)
