@@ -51,6 +51,23 @@ def test_a_kill_during_a_start_up_counts_the_start_up_as_time_alive():
                           {"step": 2, "time": 9.0}, {"event": "hung", "time": 10.0}])[0] == pytest.approx(5.0)
 
 
+def test_a_killed_run_counts_from_its_process_start_to_its_last_step():
+    """The `killed` event carries the killed run's span from its PROGRESS record: a fresh run killed
+    before its first metrics flush left no row, and its time still counts; a record older than the
+    last end (the killed run never reached a step) is an earlier run's and counts nothing again."""
+    fresh_killed = [{"event": "killed", "step": 0, "time": 500.0, "alive_from": 100.0, "alive_until": 130.0},
+                    {"event": "resumed", "step": 0, "time": 510.0, "process_started": 505.0},
+                    {"step": 1, "time": 520.0}, {"event": "done", "step": 1, "time": 525.0}]
+    assert learned_every(fresh_killed)[0] == pytest.approx(30.0 + 20.0)
+    rows_then_killed = [{"step": 1, "time": 100.0}, {"step": 2, "time": 110.0},      # flushed rows; killed at
+                        {"event": "killed", "step": 2, "time": 300.0, "alive_from": 90.0, "alive_until": 125.0}]
+    assert learned_every(rows_then_killed)[0] == pytest.approx(35.0)                  # step 4, 125 s
+    stale = [{"step": 1, "time": 100.0}, {"event": "preempted", "step": 1, "time": 110.0},
+             {"event": "resumed", "step": 1, "time": 130.0, "process_started": 120.0},   # killed while loading:
+             {"event": "killed", "step": 1, "time": 300.0, "alive_from": 95.0, "alive_until": 100.0}]  # no step
+    assert learned_every(stale)[0] == pytest.approx((10.0 + 10.0) / 2)
+
+
 def test_the_estimate_counts_this_runs_time_as_it_goes(tmp_path, monkeypatch):
     """Total time alive over the interruptions: the run's own time joins the history as it runs, so
     a run that outlives its history's rate saves less often, as the rate it has seen falls."""

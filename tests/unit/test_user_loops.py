@@ -151,6 +151,9 @@ def test_a_kill_between_metrics_flushes_is_reported_at_the_step_it_happened(tmp_
             run.step_done()
     killed = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "killed"]
     assert [(k["reached"], k["step"], k["redone"]) for k in killed] == [(47, 40, 7)]
+    # When the killed process was alive (its start, its step 47), for interval='auto''s estimate.
+    steps = [r["time"] for r in read_metrics(tmp_path / "run") if "event" not in r]
+    assert killed[0]["alive_from"] < steps[0] and steps[39] < killed[0]["alive_until"] < killed[0]["time"]
     assert "7 step(s) trained again from step 40" in format_status(status(tmp_path / "run"))
     assert [(i.reason, i.stop_step, i.resume_step) for i in interruptions(tmp_path / "run")] == [("killed", 47, 40)]
 

@@ -45,33 +45,39 @@ def overhead(tau: float, cost: float, every: float) -> float:
     return cost / tau + (tau + cost) / (2 * every)
 
 
+def _number(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _alive(rows: list[dict]) -> tuple[float, int]:
     """(seconds the runs in `rows` were alive, the interruptions among their ends). A run's time
     runs from its process's start (the `resumed` event's `process_started`; a fresh run's first
-    row) to its last row: start-ups count, since a kill can land in one too. A `killed` event is
-    written by the next run, so its own time is not the killed run's."""
-    alive, count, start, last = 0.0, 0, None, None
+    row) to its last row. A `killed` event is written by the next run, so its own time is not the
+    killed run's; it carries the killed run's span from its PROGRESS record (`alive_from`, its
+    process start; `alive_until`, its last step), used where that record is newer than the last end
+    (else it is an older run's). Start-ups count: a kill can land in one too."""
+    alive, count, start, last, ended = 0.0, 0, None, None, None
 
     def close() -> float:
         return last - start if start is not None and last is not None and last > start else 0.0
 
     for row in rows:
-        event, t = row.get("event"), row.get("time")
-        t = t if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+        event, t = row.get("event"), _number(row.get("time"))
         if event in COUNTED and row.get("signal") != "time limit":
             count += 1
+        if event == "killed":
+            until, since = _number(row.get("alive_until")), _number(row.get("alive_from"))
+            if until is not None and (ended is None or until > ended):
+                last = until if last is None else max(last, until)
+                start = since if start is None else min(start, since) if since is not None else start
+            t = None
         if event in ENDS:
-            if event != "killed" and t is not None:
-                last = t if last is None else max(last, t)
-            alive, start, last = alive + close(), None, None
-            continue
-        if event == "resumed":
+            last = t if last is None else max(last, t) if t is not None else last
+            alive, ended, start, last = alive + close(), last if last is not None else ended, None, None
+        elif event == "resumed":
             alive += close()  # a run that left no end (the file's first, or a torn one)
-            began = row.get("process_started")
-            began = began if isinstance(began, (int, float)) and not isinstance(began, bool) else t
-            start, last = began, t
-            continue
-        if t is not None:
+            start, last = _number(row.get("process_started")) or t, t
+        elif t is not None:
             start = t if start is None else start
             last = t if last is None else max(last, t)
     return alive + close(), count

@@ -15,6 +15,7 @@ import torch
 log = logging.getLogger("preemptible.train")
 
 from preemptible.names import METRICS, PROGRESS  # noqa: F401  (PROGRESS: rewritten every step, no fsync: a kill keeps it)
+PROGRESS_WIDTH = 95  # PROGRESS is rewritten in place: every record padded to one width
 ENDS = ("done", "preempted", "failed", "killed", "hung")  # events that close a run's segment of metrics.jsonl
 
 
@@ -34,6 +35,7 @@ class Metrics:
         self._checked_tail = False
         self.sinks: list[Any] = []  # callables given every appended row (steps and events), in order
         self._bar = None
+        self.since: Optional[float] = None  # this process's start, in PROGRESS (the time a killed run was alive)
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -97,7 +99,8 @@ class Metrics:
         try:
             if self._progress_fd is None:
                 self._progress_fd = os.open(self.progress_path, os.O_WRONLY | os.O_CREAT, 0o644)
-            os.pwrite(self._progress_fd, (json.dumps({"step": step, "time": round(now, 3)}).ljust(63) + "\n").encode(), 0)
+            record = {"step": step, "time": round(now, 3), "since": self.since}
+            os.pwrite(self._progress_fd, (json.dumps(record).ljust(PROGRESS_WIDTH) + "\n").encode(), 0)
         except OSError:
             pass  # a progress record is a convenience for status and plot; never a reason to stop training
 
@@ -153,18 +156,22 @@ def unclean_end(run_dir: Union[str, "os.PathLike[str]"]) -> Optional[int]:
             open_ = True
             if "event" not in row:
                 last_step = row["step"]
-    progress = None
-    try:
-        with open(os.path.join(os.fspath(run_dir), PROGRESS)) as f:
-            record = json.loads(f.read().strip() or "null")
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            progress = record["step"]
-    except (OSError, ValueError):
-        pass
+    record = read_progress(run_dir)
+    progress = record["step"] if record else None
     if not open_ and not (progress is not None and not rows):
         return None
     reached = [s for s in (last_step, progress) if s is not None]
     return max(reached) if reached else None
+
+
+def read_progress(run_dir: Union[str, "os.PathLike[str]"]) -> Optional[dict]:
+    """The PROGRESS record ({"step", "time", "since": the writing process's start}), or None."""
+    try:
+        with open(os.path.join(os.fspath(run_dir), PROGRESS)) as f:
+            record = json.loads(f.read().strip() or "null")
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def _ends_torn(path: str) -> bool:

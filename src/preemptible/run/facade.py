@@ -48,7 +48,7 @@ from preemptible.distributed.env import barrier, broadcast_object, is_distribute
 from preemptible.errors import ConfigError, described, in_part
 from preemptible.names import CHECKPOINTS
 from preemptible.observe.lifecycle import attach as show_lifecycle
-from preemptible.observe.metrics import METRICS, PROGRESS, Metrics, unclean_end
+from preemptible.observe.metrics import METRICS, PROGRESS, Metrics, read_progress, unclean_end
 from preemptible.observe.report import Report
 from preemptible.observe.trackers import TrackerFeed
 from preemptible.ownership.lease import Ownership, RunLease
@@ -56,7 +56,7 @@ from preemptible.run.ending import Ending
 from preemptible.run.resuming import Resuming
 from preemptible.run.saving import Saving
 from preemptible.run.feed import Feed
-from preemptible.run.parts import Progress, RankState, check_training_objects, part, refuse_moved
+from preemptible.run.parts import Progress, RankState, check_training_objects, part, process_start_time, refuse_moved
 from preemptible.run.state import ModelOptimState, PlainValues, params_sha256
 from preemptible.stopping.decision import Stop, agreed_stop, end_time
 from preemptible.stopping.options import Stopping
@@ -147,6 +147,7 @@ class Run(Resuming, Saving, Ending):
         self._state_bytes: Optional[int] = None
         self._resumed_step: Optional[int] = None
         self._killed_at: Optional[int] = None
+        self._killed_progress: Optional[dict] = None  # the killed run's PROGRESS record: when it was alive
         self._detach_lines: Any = None
         self._bytes_final = False
         self._requeue: Optional[bool] = None  # asked once, at the stop
@@ -183,8 +184,10 @@ class Run(Resuming, Saving, Ending):
                 raise in_part("checkpoint", e)
             self.checkpointer.owner_check = self._leases[0].check if self._leases else None
             self._killed_at = unclean_end(self.dir) if self.rank == 0 else None  # before this run writes
+            self._killed_progress = read_progress(self.dir) if self._killed_at is not None else None
             self.metrics = Metrics(str(self.dir), enabled=self.rank == 0, max_steps=self.max_steps or 0,
                                    log_every=self.report.log_every)
+            self.metrics.since = process_start_time()
             self._dcp = self._state_for_dcp()
             self._watch()
             self._check = self._stop_check()

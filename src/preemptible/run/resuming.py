@@ -81,8 +81,13 @@ class Resuming:
         if self._killed_at is None:
             return
         reached, self._killed_at = max(self._killed_at, self.step), None
+        # When the killed process was alive, from its last PROGRESS record (`interval='auto'` counts it).
+        span = self._killed_progress or {}
+        alive = {k: span[v] for k, v in (("alive_from", "since"), ("alive_until", "time"))
+                 if isinstance(span.get(v), (int, float))}
         # At the step the run stands at (trackers take steps in order); `reached`: where the kill was.
-        self.metrics.event("killed", step=self.step, reached=reached, signal="killed", redone=reached - self.step)
+        self.metrics.event("killed", step=self.step, reached=reached, signal="killed", redone=reached - self.step,
+                           **alive)
         log.warning("the last run ended without a stop (killed, or its machine lost) at step %d; %d step(s) are "
                     "trained again from step %d", reached, reached - self.step, self.step, extra=LIFECYCLE)
 
