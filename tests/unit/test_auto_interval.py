@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from preemptible import Checkpointer, ConfigError, Run
-from preemptible.checkpoint.interval import DEFAULT_INTERRUPT_EVERY, AutoInterval, daly, learned_every, overhead
+from preemptible.checkpoint.interval import UNSEEN_SAVE_SHARE, AutoInterval, daly, learned_every, overhead
 
 
 def test_dalys_rule_and_the_overhead_it_minimises():
@@ -30,7 +30,7 @@ def test_the_time_between_interruptions_is_learned_from_the_run_directory():
     rows += [{"event": "preempted", "step": 31, "signal": "time limit", "time": 320.0}]  # planned: not counted
     every, basis = learned_every(rows)
     assert every == pytest.approx((10 + 16 + 30) / 2) and "2 interruption(s) in 56s alive" in basis
-    assert learned_every([])[0] == DEFAULT_INTERRUPT_EVERY
+    assert learned_every([])[0] == pytest.approx(0.0, abs=0.01)  # nothing alive, nothing seen: see below
     long_quiet = [{"step": s, "time": float(s)} for s in range(0, 5000, 1000)] + [{"step": 9, "time": 9000.0}]
     assert learned_every(long_quiet)[0] == pytest.approx(9000.0)  # at least as long as it has run
 
@@ -66,6 +66,30 @@ def test_a_killed_run_counts_from_its_process_start_to_its_last_step():
              {"event": "resumed", "step": 1, "time": 130.0, "process_started": 120.0},   # killed while loading:
              {"event": "killed", "step": 1, "time": 300.0, "alive_from": 95.0, "alive_until": 100.0}]  # no step
     assert learned_every(stale)[0] == pytest.approx((10.0 + 10.0) / 2)
+
+
+def test_with_no_interruption_yet_one_is_assumed_as_far_ahead_as_the_run_has_lasted(tmp_path, monkeypatch):
+    """No history: M is the time alive so far (it grows as the run survives), and the interval is
+    kept to C / UNSEEN_SAVE_SHARE at least, so saves never take more than that share before the
+    first interruption; once one is seen, Daly's interval alone."""
+    from preemptible.checkpoint import interval
+    from preemptible.observe.metrics import append_rows
+
+    now = [1000.0]
+    monkeypatch.setattr(interval.time, "time", lambda: now[0])
+    auto = AutoInterval(interrupt_every=None, run_dir=tmp_path / "fresh")
+    for i in range(6):
+        auto.step(i * 0.1)
+    now[0] += 20.0
+    first = auto.choose(estimate=1.0)
+    assert first.seconds == pytest.approx(1.0 / UNSEEN_SAVE_SHARE) and "no interruption yet in 20s" in first.basis
+    now[0] += 7200.0
+    later = auto.choose(estimate=1.0)
+    assert later.every == pytest.approx(7220.0) and later.seconds == pytest.approx(daly(1.0, 7220.0))
+    append_rows(str(tmp_path / "metrics.jsonl"), [{"step": 1, "time": 0.0}, {"step": 2, "time": 20.0},
+                                                  {"event": "killed", "step": 0, "time": 100.0}])
+    seen = AutoInterval(interrupt_every=None, run_dir=tmp_path).choose(estimate=1.0)
+    assert seen.seconds == pytest.approx(daly(1.0, 20.0)) and seen.seconds < 1.0 / UNSEEN_SAVE_SHARE  # 5.3 s
 
 
 def test_the_estimate_counts_this_runs_time_as_it_goes(tmp_path, monkeypatch):

@@ -11,8 +11,11 @@ and the expected share of time lost is about C / tau + (tau + C) / (2 M). `M` is
 `Checkpointer(interrupt_every=)` seconds, or learned from this run directory's history: the time
 its runs were alive (each from its process's start to its last record, so a kill during a start-up
 adds its time too) over the interruptions they had (stops on a signal or a notice, kills, hangs;
-not time limits, which are saved before), this run's time so far included; with none yet, the
-longer of that time and DEFAULT_INTERRUPT_EVERY. The interval in steps is tau over the measured step time.
+not time limits, which are saved before), this run's time so far included. With none yet, one is
+assumed as far ahead as the run directory has been alive (M = that time, which grows as the run
+survives), and the interval is kept to at least C / UNSEEN_SAVE_SHARE: before the first
+interruption, saves take at most that share of the loop. The interval in steps is tau over the
+measured step time.
 Rank 0 chooses; every rank takes its choice (saves are collective).
 """
 
@@ -30,7 +33,7 @@ from preemptible.distributed.env import broadcast_object
 from preemptible.observe.metrics import ENDS
 
 STEP_SAMPLES = 32  # recent step times whose median is the step time
-DEFAULT_INTERRUPT_EVERY = 3600.0  # seconds assumed between interruptions while a run has no history
+UNSEEN_SAVE_SHARE = 0.1  # before the first interruption, saves take at most this share of the loop's time
 COUNTED = ("preempted", "killed", "hung")  # ends that interrupt (a time limit's stop is planned: not counted)
 
 
@@ -87,9 +90,8 @@ def expected_every(alive: float, count: int) -> tuple[float, str]:
     """(seconds between interruptions, how it was found) from `alive` seconds with `count` interruptions."""
     if count:
         return alive / count, f"{count} interruption(s) in {alive:.0f}s alive in this run directory"
-    if alive > DEFAULT_INTERRUPT_EVERY:
-        return alive, f"no interruption yet in {alive:.0f}s alive in this run directory"
-    return DEFAULT_INTERRUPT_EVERY, f"no interruption yet: {DEFAULT_INTERRUPT_EVERY:.0f}s assumed"
+    return max(alive, 1e-3), (f"no interruption yet in {alive:.0f}s alive in this run directory: one assumed as "
+                              f"far ahead, saves kept to {UNSEEN_SAVE_SHARE:.0%} of the time at most")
 
 
 def learned_every(rows: list[dict]) -> tuple[float, str]:
@@ -137,6 +139,10 @@ class AutoInterval:
             return self._told, "interrupt_every"
         return expected_every(self._alive + max(0.0, time.time() - self._read_at), self._count)
 
+    def unseen(self) -> bool:
+        """No interruption told or seen yet: the interval is kept to UNSEEN_SAVE_SHARE of saving."""
+        return self._told is None and not self._count
+
     @property
     def step_seconds(self) -> Optional[float]:
         """The median of the recent steps' times (robust to a slow step: an evaluation, a warm-up)."""
@@ -160,6 +166,8 @@ class AutoInterval:
         cost = self.save_cost if self.save_cost is not None else estimate
         every, basis = self.every()
         tau = daly(cost, every)
+        if self.unseen():
+            tau = max(tau, cost / UNSEEN_SAVE_SHARE)
         steps = max(1, round(tau / self.step_seconds)) if self.step_seconds else 1
         return Choice(steps, tau, cost, every, overhead(tau, cost, every), basis)
 

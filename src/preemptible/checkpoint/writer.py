@@ -85,7 +85,9 @@ class Checkpointer(Finding):
               that minimises the expected lost time from the measured cost of a save and the
               expected time between interruptions (Daly's rule; `preemptible.checkpoint.interval`).
     interrupt_every: with interval='auto', seconds expected between interruptions (None: learned
-              from the run directory's history of stops, kills and hangs; 3600 until there is one).
+              from the run directory's history of stops, kills and hangs; with none yet, one is
+              assumed as far ahead as the run directory has been alive, and saves take at most
+              10 % of the time).
     keep:     committed checkpoints of the run's line kept (>= 1); older ones pruned after a newer commit.
     resume:   'auto' (the head, or the newest valid checkpoint of its line), 'never' (start fresh;
               refused where committed checkpoints exist), or a checkpoint directory path (start a
