@@ -52,6 +52,14 @@ def _number(value: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _later(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a if b is None else b if a is None else max(a, b)
+
+
+def _earlier(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a if b is None else b if a is None else min(a, b)
+
+
 def _alive(rows: list[dict]) -> tuple[float, int]:
     """(seconds the runs in `rows` were alive, the interruptions among their ends). A run's time
     runs from its process's start (the `resumed` event's `process_started`; a fresh run's first
@@ -69,20 +77,19 @@ def _alive(rows: list[dict]) -> tuple[float, int]:
         if event in COUNTED and row.get("signal") != "time limit":
             count += 1
         if event == "killed":
-            until, since = _number(row.get("alive_until")), _number(row.get("alive_from"))
-            if until is not None and (ended is None or until > ended):
-                last = until if last is None else max(last, until)
-                start = since if start is None else min(start, since) if since is not None else start
-            t = None
+            until = _number(row.get("alive_until"))
+            if until is not None and (ended is None or until > ended):  # the killed run's own record
+                last, start = _later(last, until), _earlier(start, _number(row.get("alive_from")))
+            t = None  # the next run's time
         if event in ENDS:
-            last = t if last is None else max(last, t) if t is not None else last
-            alive, ended, start, last = alive + close(), last if last is not None else ended, None, None
+            last = _later(last, t)
+            alive, ended = alive + close(), _later(ended, last)
+            start = last = None
         elif event == "resumed":
             alive += close()  # a run that left no end (the file's first, or a torn one)
             start, last = _number(row.get("process_started")) or t, t
         elif t is not None:
-            start = t if start is None else start
-            last = t if last is None else max(last, t)
+            start, last = _earlier(start, t), _later(last, t)
     return alive + close(), count
 
 
