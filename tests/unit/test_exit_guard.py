@@ -163,11 +163,19 @@ def test_an_end_that_fails_after_the_handler_is_released_gives_the_signals_back(
         raise CheckpointError("the save in flight failed")
 
     monkeypatch.setattr(Checkpointer, "close", failing_close)
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    run = Run(tmp_path, model=torch.nn.Linear(1, 1), max_steps=2)
-    with pytest.raises(KeyboardInterrupt if signalled else CheckpointError):
-        with run:
-            while run.step < 2:
-                run.step_done()
-    assert {s: signal.getsignal(s) for s in before} == before
+    # The dispositions of a plain Python process (a test runner's worker, or a Run before this one in
+    # the same process, may have left others: a finished Run keeps its late-signal handlers).
+    outer = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+             signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL)}
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        run = Run(tmp_path, model=torch.nn.Linear(1, 1), max_steps=2)
+        with pytest.raises(KeyboardInterrupt if signalled else CheckpointError):
+            with run:
+                while run.step < 2:
+                    run.step_done()
+        assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        for s, disposition in outer.items():
+            signal.signal(s, disposition)
     assert not (tmp_path / LEASE).exists()
