@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from preemptible.distributed.env import broadcast_object
-from preemptible.observe.metrics import ENDS
+from preemptible.names import METRICS
+from preemptible.observe.metrics import ENDS, is_number, read_metrics
 
 STEP_SAMPLES = 32  # recent step times whose median is the step time
 UNSEEN_SAVE_SHARE = 0.1  # before the first interruption, saves take at most this share of the loop's time
@@ -49,7 +50,7 @@ def overhead(tau: float, cost: float, every: float) -> float:
 
 
 def _number(value: Any) -> Optional[float]:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if is_number(value) else None
 
 
 def _later(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -129,9 +130,6 @@ class AutoInterval:
         self._told = None if interrupt_every is None else float(interrupt_every)
         self._alive, self._count, self._read_at = 0.0, 0, time.time()
         if self._told is None:
-            from preemptible.observe.metrics import read_metrics
-            from preemptible.names import METRICS
-
             path = os.path.join(os.fspath(run_dir), METRICS)
             self._alive, self._count = _alive(read_metrics(path) if os.path.exists(path) else [])
         self._steps: deque[float] = deque(maxlen=STEP_SAMPLES)

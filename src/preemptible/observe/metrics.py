@@ -164,6 +164,11 @@ def unclean_end(run_dir: Union[str, "os.PathLike[str]"]) -> Optional[int]:
     return max(reached) if reached else None
 
 
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (JSON's true is not a time)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_progress(run_dir: Union[str, "os.PathLike[str]"]) -> Optional[dict]:
     """The PROGRESS record ({"step", "time", "since": the writing process's start}), or None."""
     try:
@@ -188,10 +193,8 @@ def _ends_torn(path: str) -> bool:
 
 def _well_formed(row: Any) -> bool:
     """A row as this module writes it: an int step, a numeric time if any, a str event if any."""
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
     return (isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
-            and ("time" not in row or number(row["time"])) and ("event" not in row or isinstance(row["event"], str)))
+            and ("time" not in row or is_number(row["time"])) and ("event" not in row or isinstance(row["event"], str)))
 
 
 def read_metrics(path: Union[str, "os.PathLike[str]"], strict: bool = False) -> list[dict]:
