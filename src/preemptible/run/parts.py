@@ -3,6 +3,7 @@ run (`Progress`, the same on every rank; `RankState`, per rank), and the checks 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Optional
@@ -10,7 +11,9 @@ from typing import Any, Optional
 from preemptible.checks import number
 from preemptible.errors import ConfigError
 from preemptible.run.feed import stateful
-from preemptible.run.state import check_plain, from_blob, set_rng_state, to_blob
+from preemptible.run.state import check_plain, from_blob, set_rng_state, to_blob, unwrap
+
+log = logging.getLogger("preemptible.run")
 
 RESERVED = ("model_optim", "model", "lr_schedule", "progress")  # state= names a checkpoint uses itself
 
@@ -82,12 +85,23 @@ class Progress:
     def state_dict(self) -> dict[str, Any]:
         run, boundary = self.run, self.run.feed.boundary
         return {"step": run.step, "world_size": run.world_size, "epoch": boundary["epoch"],
-                "position": boundary.get("position"), "values": to_blob(dict(run.values))}
+                "position": boundary.get("position"), "values": to_blob(self.savable_values())}
 
-    def check(self) -> None:
-        """Before a save: the values still read back (a list in them may have been changed in place)."""
+    def savable_values(self) -> dict[str, Any]:
+        """What a save writes of `run.values`: every value a resume can load. `run.values` refuses
+        anything else where it is changed; a value that got past that anyway (changed through
+        `dict.__setitem__`, say) is left out of this checkpoint with one warning naming it, so a
+        stop's save never fails on a value."""
+        out = {}
         for key, value in self.run.values.items():
-            check_plain(value, f"run.values[{key!r}]")
+            value = unwrap(value)
+            try:
+                check_plain(value, f"run.values[{key!r}]")
+            except ConfigError as e:
+                log.warning("%s; this checkpoint is saved without run.values[%r] (a resume will not have it)", e, key)
+                continue
+            out[key] = value
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loaded = dict(state)
@@ -135,14 +149,3 @@ def check_optimizer(optimizer: Any, model: Any) -> None:
     if foreign:
         raise ConfigError(f"optimizer= holds {foreign} parameter(s) that are not model='s; build the optimizer "
                           "from the model you pass (after wrapping it in DDP or fully_shard)")
-
-
-def process_start_time() -> Optional[float]:
-    """When this process started (wall clock; Linux /proc), for the resumed event's startup timings."""
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, ticks since boot
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
-        return round(time.time() - age, 3)
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None

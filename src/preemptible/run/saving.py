@@ -55,7 +55,6 @@ class Saving:
         return self.last_checkpoint
 
     def _save(self, wait: bool = True) -> Path:
-        self._dcp["progress"].check()  # never a checkpoint that no resume could load
         heartbeat.beat(f"saving step {self.step} (writes, the collectives of the save, the commit)")
         return self.checkpointer.save(self.step, self._dcp, wait=wait)
 

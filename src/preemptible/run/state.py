@@ -74,8 +74,8 @@ def _plain_by_type(value: Any, depth: int = 0) -> bool:
     """True for what a blob holds by its exact type alone (scalars, plain tensors, and lists,
     tuples and str-keyed dicts of them): no round trip needed. False means: try one."""
     kind = type(value)
-    if kind in _SCALARS or kind is torch.Tensor:
-        return True
+    if kind in _SCALARS or kind is torch.Tensor or kind in (PlainList, PlainDict, PlainValues):
+        return True  # a checked container: every item in it was checked as it was put there
     if depth > 8:
         return False
     if kind in (list, tuple):
@@ -102,16 +102,99 @@ def check_plain(value: Any, where: str) -> None:
                           f"{PLAIN} (float(x) for a NumPy scalar, x.isoformat() for a datetime)") from None
 
 
-class PlainValues(dict):
-    """`Run.values`: a dict that refuses, at the assignment, a value no resume could load."""
+def _refuse(where: str, what: str) -> None:
+    from preemptible.errors import ConfigError
+
+    raise ConfigError(f"{where}: {what}")
+
+
+def adopt(value: Any, where: str) -> Any:
+    """`value` as `run.values` keeps it: checked (ConfigError naming `where` unless a resume can load
+    it), with every list and dict in it copied into a checked one (PlainList, PlainDict), so a change
+    made later through `run.values` is checked where it is made. Tuples are rebuilt around their
+    checked items; anything else plain is kept as it is."""
+    kind = type(value)
+    if kind in (list, PlainList):
+        return PlainList(where, value)
+    if kind in (dict, PlainDict):
+        return PlainDict(where, value)
+    if kind is tuple:
+        return tuple(adopt(v, f"{where}[{i}]") for i, v in enumerate(value))
+    check_plain(value, where)
+    return value
+
+
+def unwrap(value: Any) -> Any:
+    """A copy of `value` with every PlainList/PlainDict made a plain list/dict again (what a blob
+    holds: a checkpoint names no class of ours)."""
+    kind = type(value)
+    if kind in (list, PlainList):
+        return [unwrap(v) for v in value]
+    if kind in (dict, PlainDict, PlainValues):
+        return {k: unwrap(v) for k, v in value.items()}
+    if kind is tuple:
+        return tuple(unwrap(v) for v in value)
+    return value
+
+
+class PlainList(list):
+    """A list inside `run.values`: every item put in it, however (append, extend, insert, +=, an
+    index or a slice), is checked and adopted, and refused (ConfigError) where it is put."""
+
+    __slots__ = ("_where",)
+
+    def __init__(self, where: str, items: Any = ()):
+        self._where = where
+        super().__init__(adopt(v, f"{where}[{i}]") for i, v in enumerate(items))
+
+    def _item(self, value: Any, index: Any = None) -> Any:
+        return adopt(value, f"{self._where}[{len(self) if index is None else index}]")
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if isinstance(index, slice):
+            label = f"{'' if index.start is None else index.start}:{'' if index.stop is None else index.stop}"
+            value = [self._item(v, label) for v in value]
+        else:
+            value = self._item(value, index)
+        super().__setitem__(index, value)
+
+    def append(self, value: Any) -> None:
+        super().append(self._item(value))
+
+    def insert(self, index: Any, value: Any) -> None:
+        super().insert(index, self._item(value, index))
+
+    def extend(self, values: Any) -> None:
+        super().extend([self._item(v, len(self) + i) for i, v in enumerate(list(values))])
+
+    def __iadd__(self, values: Any) -> "PlainList":
+        self.extend(values)
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # copy and pickle as the plain list it stands for
+        return (list, (unwrap(self),))
+
+
+class PlainDict(dict):
+    """A dict inside `run.values` (and `run.values` itself): every value put in it, however
+    (`d[k] = v`, update, setdefault, |=), is checked and adopted, and refused where it is put."""
+
+    _keys_are_names = False
+
+    def __init__(self, where: str, items: Any = ()):
+        super().__init__()
+        self._where = where
+        self.update(items)
+
+    def _key(self, key: Any) -> str:
+        if self._keys_are_names and not isinstance(key, str):
+            _refuse(f"{self._where} key {key!r}", "expected a str")
+        if type(key) is not str:
+            check_plain(key, f"{self._where} key")
+        return f"{self._where}[{key!r}]"
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        if not isinstance(key, str):
-            from preemptible.errors import ConfigError
-
-            raise ConfigError(f"run.values key {key!r}: expected a str")
-        check_plain(value, f"run.values[{key!r}]")
-        super().__setitem__(key, value)
+        super().__setitem__(key, adopt(value, self._key(key)))
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for key, value in dict(*args, **kwargs).items():
@@ -121,6 +204,24 @@ class PlainValues(dict):
         if key not in self:
             self[key] = default
         return self[key]
+
+    def __ior__(self, other: Any) -> "PlainDict":
+        self.update(other)
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (dict, (unwrap(self),))
+
+
+class PlainValues(PlainDict):
+    """`Run.values`: a dict of plain data that refuses, where the change is made, anything a resume
+    could not load: an assignment, update, setdefault, |=, and changes inside its lists and dicts
+    (it keeps its own checked copy of each list and dict it is given)."""
+
+    _keys_are_names = True
+
+    def __init__(self, items: Any = ()):
+        super().__init__("run.values", items)
 
 
 class ModelOptimState:
