@@ -22,10 +22,17 @@ def write_atomic(path: Path, text: str, durable: bool = True, tmp_name: Optional
     """`path` holds `text` afterwards, or its old content if this fails part way. `tmp_name`: the
     temporary file's name (default `<name>.tmp`; a writer that may race another gives its own)."""
     tmp = path.with_name(tmp_name or path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:  # a full disk, say: no temporary file left behind
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     fsync_path(path.parent, durable)

@@ -15,8 +15,9 @@ import torch
 log = logging.getLogger("preemptible.train")
 
 from preemptible.names import METRICS, PROGRESS  # noqa: F401  (PROGRESS: rewritten every step, no fsync: a kill keeps it)
-PROGRESS_WIDTH = 95  # PROGRESS is rewritten in place: every record padded to one width
+PROGRESS_WIDTH = 127  # PROGRESS is rewritten in place: every record padded to one width
 ENDS = ("done", "preempted", "failed", "killed", "hung")  # events that close a run's segment of metrics.jsonl
+BACKLOG = 10_000  # rows kept while metrics.jsonl cannot be written (a full disk), written once it can
 
 
 class Metrics:
@@ -33,8 +34,13 @@ class Metrics:
         self._progress_fd: Optional[int] = None
         self._pending: list[tuple[int, Any, Optional[float], float, dict]] = []
         self._checked_tail = False
+        self._backlog: list[dict] = []  # rows not yet written: the last write failed (a full disk)
+        self._dropped = 0  # rows dropped from a full backlog
         self.sinks: list[Any] = []  # callables given every appended row (steps and events), in order
         self._bar = None
+        self.failing = False  # the last write of metrics.jsonl failed
+        self.owns: Any = lambda: True  # whether the run still owns its directory (else nothing is written)
+        self._disowned = False
         self.since: Optional[float] = None  # this process's start, in PROGRESS (the time a killed run was alive)
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -85,11 +91,36 @@ class Metrics:
     def event(self, name: str, **fields: Any) -> None:
         self.flush()
         if self.enabled:
-            self._append([{"event": name, **fields, "time": time.time()}])
+            self._append([stamped({"event": name, **fields})])
 
     def _append(self, rows: list[dict]) -> None:
+        """Write `rows` (after any that could not be written before) and feed the sinks. A write
+        that fails (a full disk, a read-only remount) never stops training: one warning, the rows
+        kept (up to BACKLOG) and written with the next rows once the file can be written again."""
+        self._backlog += rows
+        if len(self._backlog) > BACKLOG:
+            self._dropped += len(self._backlog) - BACKLOG
+            del self._backlog[:-BACKLOG]
+        if self._disowned or not self.owns():
+            if not self._disowned:
+                log.warning("%s: the run directory is no longer this run's; nothing more is written there", self.path)
+            self._disowned = True
+            self._backlog.clear()
+            return
         check, self._checked_tail = not self._checked_tail, True
-        append_rows(self.path, rows, check_tail=check)
+        try:
+            append_rows(self.path, self._backlog, check_tail=check)
+        except OSError as e:
+            if not self.failing:
+                log.warning("%s cannot be written (%s); training goes on, and its rows are kept in memory and written "
+                            "once it can be", self.path, e.strerror or e)
+            self.failing, self._checked_tail = True, False  # a torn last line is ended at the next write
+        else:
+            if self.failing:
+                log.warning("%s written again (%d rows late%s)", self.path, len(self._backlog),
+                            f", {self._dropped} older ones dropped" if self._dropped else "")
+            self._backlog.clear()
+            self.failing, self._dropped = False, 0
         for sink in self.sinks:
             sink(rows)
 
@@ -99,7 +130,9 @@ class Metrics:
         try:
             if self._progress_fd is None:
                 self._progress_fd = os.open(self.progress_path, os.O_WRONLY | os.O_CREAT, 0o644)
-            record = {"step": step, "time": round(now, 3), "since": self.since}
+            if self._disowned:
+                return
+            record = {"step": step, "time": round(now, 3), "since": self.since, "up": uptime()}
             os.pwrite(self._progress_fd, (json.dumps(record).ljust(PROGRESS_WIDTH) + "\n").encode(), 0)
         except OSError:
             pass  # a progress record is a convenience for status and plot; never a reason to stop training
@@ -107,6 +140,12 @@ class Metrics:
     def close(self, outcome: Optional[str] = None) -> None:
         """Flush; on a terminal the bar ends with `outcome` ("done", "stopped: SIGTERM at step 12")."""
         self.flush()
+        if self._backlog and self.enabled:
+            self._append([])  # one more try; what still cannot be written: its events, on stderr
+            events = [r for r in self._backlog if "event" in r]
+            if events:
+                log.warning("%s could not be written: its last events were %s", self.path,
+                            " ".join(json.dumps(r) for r in events[-3:]))
         if self._progress_fd is not None:
             os.close(self._progress_fd)
             self._progress_fd = None
@@ -137,9 +176,42 @@ def append_rows(path: str, rows: list[dict], check_tail: bool = True) -> None:
 def append_event(run_dir: Union[str, "os.PathLike[str]"], row: dict) -> None:
     """One event from any rank, outside a Metrics (the watchdog's record of a hang): best effort."""
     try:
-        append_rows(os.path.join(os.fspath(run_dir), METRICS), [{**row, "time": time.time()}])
+        append_rows(os.path.join(os.fspath(run_dir), METRICS), [stamped(row)])
     except OSError:
         pass
+
+
+def stamped(row: dict) -> dict:
+    """An event row with its time; an end of this process's run (not `killed`, which the next run
+    writes) also with `alive_seconds`, how long this process has lived on a clock that no wall-clock
+    change moves (what `interval='auto'` reads)."""
+    if row.get("event") in ENDS and row["event"] != "killed" and "alive_seconds" not in row:
+        row = {**row, "alive_seconds": uptime()}
+    return {**row, "time": time.time()}
+
+
+def _start_ticks() -> Optional[int]:
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, ticks since boot
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def uptime() -> Optional[float]:
+    """Seconds this process has lived, on the boot clock (monotonic: a wall-clock jump does not
+    move it); None where /proc cannot tell."""
+    ticks = _start_ticks()
+    try:
+        return None if ticks is None else round(time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def process_start_time() -> Optional[float]:
+    """When this process started (wall clock; Linux /proc), for the resumed event's startup timings."""
+    up = uptime()
+    return None if up is None else round(time.time() - up, 3)
 
 
 def unclean_end(run_dir: Union[str, "os.PathLike[str]"]) -> Optional[int]:
@@ -206,7 +278,7 @@ def read_metrics(path: Union[str, "os.PathLike[str]"], strict: bool = False) -> 
     gives []. After a crash a step can appear twice: the later row is the one that counts.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if os.path.isdir(path) and os.path.basename(path) != METRICS:
         path = os.path.join(path, METRICS)
     try:
         with open(path, "rb") as f:
@@ -224,7 +296,7 @@ def _tail_rows(path: str, nbytes: int = 1 << 16) -> list[dict]:
             start = max(0, f.tell() - nbytes)
             f.seek(start)
             data = f.read()
-    except FileNotFoundError:
+    except OSError:  # none yet, or not a file (a directory of that name): nothing to read; writes say so
         return []
     if start:
         data = data.split(b"\n", 1)[1] if b"\n" in data else b""
