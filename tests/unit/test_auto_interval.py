@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from preemptible import Checkpointer, ConfigError, Run
+from preemptible.checkpoint import interval
 from preemptible.checkpoint.interval import UNSEEN_SAVE_SHARE, AutoInterval, daly, learned_every, overhead
 
 
@@ -77,6 +78,7 @@ def test_with_no_interruption_yet_one_is_assumed_as_far_ahead_as_the_run_has_las
 
     now = [1000.0]
     monkeypatch.setattr(interval.time, "time", lambda: now[0])
+    monkeypatch.setattr(interval.time, "monotonic", lambda: now[0])  # this run's own time: the monotonic clock
     auto = AutoInterval(interrupt_every=None, run_dir=tmp_path / "fresh")
     for i in range(6):
         auto.step(i * 0.1)
@@ -102,6 +104,7 @@ def test_the_estimate_counts_this_runs_time_as_it_goes(tmp_path, monkeypatch):
                                                   {"event": "killed", "step": 0, "time": 100.0}])
     now = [1000.0]
     monkeypatch.setattr(interval.time, "time", lambda: now[0])
+    monkeypatch.setattr(interval.time, "monotonic", lambda: now[0])  # this run's own time: the monotonic clock
     auto = AutoInterval(interrupt_every=None, run_dir=tmp_path)
     assert auto.every() == (pytest.approx(60.0), "1 interruption(s) in 60s alive in this run directory")
     now[0] += 240.0
@@ -177,3 +180,47 @@ def test_a_run_chooses_says_and_keeps_its_interval(tmp_path):
     assert saved[-1] == 80 and len(saved) >= 3  # periodic saves, then the end's
     for a, b in zip(saved, saved[1:-1]):  # each gap is the interval chosen at the save before it
         assert b - a == [c for c in chosen if c["step"] <= a + 1][-1]["interval_steps"]
+
+
+def test_times_that_cannot_be_right_are_not_read(tmp_path):
+    """A history written while the clock was 75 years ahead, a crafted killed row claiming a run
+    lived from -1e300 to 1e300, -Infinity, NaN: none of it moves the estimate; durations measured
+    on the boot clock (alive_seconds) are read instead where they exist."""
+    now = 2_000_000_000.0
+    ahead = now + 75 * 365 * 86400.0
+    future = [{"step": 1, "time": ahead}, {"step": 2, "time": ahead + 10},
+              {"event": "preempted", "step": 2, "time": ahead + 11, "alive_seconds": 11.0}]
+    assert interval._alive(future, now) == (0.0, 1)  # the span was measured, but it is older than any sane time
+    sane = [{"step": 1, "time": now - 100}] + future + [{"event": "resumed", "step": 2, "time": now - 50},
+                                                      {"step": 3, "time": now - 20}]
+    alive, count = interval._alive(sane, now)
+    assert count == 1 and alive == pytest.approx(11.0 + 30.0)  # the measured 11 s, then 30 s of this run
+    crafted = [{"step": 1, "time": now - 60}, {"event": "killed", "step": 1, "time": now - 30,
+                                               "alive_from": -1e300, "alive_until": 1e300, "alive_seconds": 1e300}]
+    alive, count = interval._alive(crafted, now)
+    assert count == 1 and alive <= 60.0  # never more than the directory has existed
+    odd = [{"step": 1, "time": float("-inf")}, {"step": 2, "time": float("nan")},
+           {"event": "hung", "step": 2, "time": now - 5, "alive_seconds": float("-inf")}]
+    assert interval._alive(odd, now) == (0.0, 1)
+
+
+def test_a_crafted_history_never_gives_an_interval_past_the_cap(tmp_path):
+    from preemptible.observe.metrics import append_rows
+
+    append_rows(str(tmp_path / "metrics.jsonl"), [{"step": 1, "time": 1.0},  # "since 1970": M of 56 years
+                                                  {"event": "preempted", "step": 1, "time": 2.0,
+                                                   "alive_seconds": 1.7e9}])
+    auto = AutoInterval(interrupt_every=None, run_dir=tmp_path)
+    for i in range(6):
+        auto.step(i * 0.1)
+    choice = auto.choose(estimate=1.0)
+    assert choice.seconds == interval.MAX_INTERVAL and choice.steps == round(interval.MAX_INTERVAL / 0.1)
+    assert auto.choose(estimate=1000.0).seconds == pytest.approx(1000.0 / UNSEEN_SAVE_SHARE)  # a tenth of the loop
+
+
+def test_a_history_that_cannot_be_read_is_a_warning(tmp_path, caplog):
+    (tmp_path / "metrics.jsonl").mkdir()
+    with caplog.at_level("WARNING"):
+        auto = AutoInterval(interrupt_every=None, run_dir=tmp_path)
+    assert auto.every()[0] > 0 and not auto._count
+    assert any("cannot be read" in r.getMessage() for r in caplog.records)

@@ -21,6 +21,7 @@ Rank 0 chooses; every rank takes its choice (saves are collective).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import statistics
@@ -32,6 +33,8 @@ from typing import Any, Optional
 from preemptible.distributed.env import broadcast_object
 from preemptible.names import METRICS
 from preemptible.observe.metrics import ENDS, is_number, read_metrics
+
+log = logging.getLogger("preemptible.run")
 
 STEP_SAMPLES = 32  # recent step times whose median is the step time
 UNSEEN_SAVE_SHARE = 0.1  # before the first interruption, saves take at most this share of the loop's time
@@ -49,8 +52,25 @@ def overhead(tau: float, cost: float, every: float) -> float:
     return cost / tau + (tau + cost) / (2 * every)
 
 
+FUTURE_SLACK = 60.0  # seconds a history's time may lie ahead of this machine's clock (clocks differ a little)
+MAX_INTERVAL = 3600.0  # seconds: auto never saves less often (unless one save costs more than a tenth of it)
+
+
 def _number(value: Any) -> Optional[float]:
-    return float(value) if is_number(value) else None
+    return float(value) if is_number(value) and math.isfinite(value) else None
+
+
+def _time(value: Any, now: float) -> Optional[float]:
+    """A wall-clock time from the history, if it can be one: finite, not before 1970, not in the
+    future (a clock that was wrong when it was written, a row written by hand)."""
+    t = _number(value)
+    return t if t is not None and 0.0 <= t <= now + FUTURE_SLACK else None
+
+
+def _duration(value: Any) -> Optional[float]:
+    """A duration measured on the boot clock (`alive_seconds`): finite and not negative."""
+    d = _number(value)
+    return d if d is not None and d >= 0.0 else None
 
 
 def _later(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -61,37 +81,48 @@ def _earlier(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a if b is None else b if a is None else min(a, b)
 
 
-def _alive(rows: list[dict]) -> tuple[float, int]:
+def _alive(rows: list[dict], now: Optional[float] = None) -> tuple[float, int]:
     """(seconds the runs in `rows` were alive, the interruptions among their ends). A run's time
-    runs from its process's start (the `resumed` event's `process_started`; a fresh run's first
-    row) to its last row. A `killed` event is written by the next run, so its own time is not the
-    killed run's; it carries the killed run's span from its PROGRESS record (`alive_from`, its
-    process start; `alive_until`, its last step), used where that record is newer than the last end
-    (else it is an older run's). Start-ups count: a kill can land in one too."""
-    alive, count, start, last, ended = 0.0, 0, None, None, None
+    is what its end measured on the boot clock (`alive_seconds`: how long its process lived, which
+    no wall-clock change moves); for rows without it (older runs), from its process's start (the
+    `resumed` event's `process_started`; a fresh run's first row) to its last row. A `killed`
+    event is written by the next run; it carries the killed run's span from its PROGRESS record
+    (`alive_seconds`, `alive_from`, `alive_until`), used where that record is newer than the last
+    end (else it is an older run's). Start-ups count: a kill can land in one too. Wall-clock times
+    that cannot be right (not finite, negative, in the future) are not read, and the total is never
+    more than the time since the first time that can be (how long the run directory has existed)."""
+    now = time.time() if now is None else now
+    alive, count, start, last, ended, first = 0.0, 0, None, None, None, None
 
-    def close() -> float:
+    def close(measured: Optional[float]) -> float:
+        if measured is not None:
+            return measured
         return last - start if start is not None and last is not None and last > start else 0.0
 
     for row in rows:
-        event, t = row.get("event"), _number(row.get("time"))
+        event, t = row.get("event"), _time(row.get("time"), now)
+        first = _earlier(first, t)
         if event in COUNTED and row.get("signal") != "time limit":
             count += 1
+        measured = _duration(row.get("alive_seconds"))
         if event == "killed":
-            until = _number(row.get("alive_until"))
+            until = _time(row.get("alive_until"), now)
             if until is not None and (ended is None or until > ended):  # the killed run's own record
-                last, start = _later(last, until), _earlier(start, _number(row.get("alive_from")))
+                last, start = _later(last, until), _earlier(start, _time(row.get("alive_from"), now))
+            else:
+                measured = None
             t = None  # the next run's time
         if event in ENDS:
             last = _later(last, t)
-            alive, ended = alive + close(), _later(ended, last)
+            alive, ended = alive + close(measured), _later(ended, last)
             start = last = None
         elif event == "resumed":
-            alive += close()  # a run that left no end (the file's first, or a torn one)
-            start, last = _number(row.get("process_started")) or t, t
+            alive += close(None)  # a run that left no end (the file's first, or a torn one)
+            start, last = _time(row.get("process_started"), now) or t, t
         elif t is not None:
             start, last = _earlier(start, t), _later(last, t)
-    return alive + close(), count
+    alive += close(None)
+    return min(alive, max(0.0, now - first) if first is not None else 0.0), count
 
 
 def expected_every(alive: float, count: int) -> tuple[float, str]:
@@ -106,6 +137,16 @@ def learned_every(rows: list[dict]) -> tuple[float, str]:
     """(seconds between interruptions, how it was found) from a run directory's metrics rows: the
     time its runs were alive, start-ups included, over the interruptions they had."""
     return expected_every(*_alive(rows))
+
+
+def _history(path: str) -> tuple[float, int]:
+    """_alive() over the metrics file at `path`; one that cannot be read is a warning and no history."""
+    try:
+        return _alive(read_metrics(path) if os.path.lexists(path) else [])
+    except Exception as e:  # noqa: BLE001 -- a history is advice: never a reason not to train
+        log.warning("interval auto: %s cannot be read (%s); choosing as if the run had no history", path,
+                    f"{type(e).__name__}: {e}")
+        return 0.0, 0
 
 
 @dataclass
@@ -128,10 +169,9 @@ class AutoInterval:
 
     def __init__(self, interrupt_every: Optional[float], run_dir: Any):
         self._told = None if interrupt_every is None else float(interrupt_every)
-        self._alive, self._count, self._read_at = 0.0, 0, time.time()
+        self._alive, self._count, self._read_at = 0.0, 0, time.monotonic()
         if self._told is None:
-            path = os.path.join(os.fspath(run_dir), METRICS)
-            self._alive, self._count = _alive(read_metrics(path) if os.path.exists(path) else [])
+            self._alive, self._count = _history(os.path.join(os.fspath(run_dir), METRICS))
         self._steps: deque[float] = deque(maxlen=STEP_SAMPLES)
         self._warm = False
         self.save_cost: Optional[float] = None
@@ -142,7 +182,7 @@ class AutoInterval:
         the time this run has been alive since."""
         if self._told is not None:
             return self._told, "interrupt_every"
-        return expected_every(self._alive + max(0.0, time.time() - self._read_at), self._count)
+        return expected_every(self._alive + max(0.0, time.monotonic() - self._read_at), self._count)
 
     def unseen(self) -> bool:
         """No interruption told or seen yet: the interval is kept to UNSEEN_SAVE_SHARE of saving."""
@@ -173,6 +213,7 @@ class AutoInterval:
         tau = daly(cost, every)
         if self.unseen():
             tau = max(tau, cost / UNSEEN_SAVE_SHARE)
+        tau = min(tau, max(MAX_INTERVAL, cost / UNSEEN_SAVE_SHARE))
         steps = max(1, round(tau / self.step_seconds)) if self.step_seconds else 1
         return Choice(steps, tau, cost, every, overhead(tau, cost, every), basis)
 

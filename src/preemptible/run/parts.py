@@ -4,9 +4,7 @@ run (`Progress`, the same on every rank; `RankState`, per rank), and the checks 
 from __future__ import annotations
 
 import logging
-import os
-import time
-from typing import Any, Optional
+from typing import Any
 
 from preemptible.checks import number
 from preemptible.errors import ConfigError

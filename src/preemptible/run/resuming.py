@@ -13,7 +13,7 @@ import torch
 from preemptible.checkpoint.lineage import Resume
 from preemptible.errors import ConfigError, CorruptCheckpointError, in_part
 from preemptible.observe.lifecycle import LIFECYCLE
-from preemptible.run.parts import process_start_time
+from preemptible.observe.metrics import process_start_time
 
 log = logging.getLogger("preemptible.run")
 
@@ -83,7 +83,7 @@ class Resuming:
         reached, self._killed_at = max(self._killed_at, self.step), None
         # When the killed process was alive, from its last PROGRESS record (`interval='auto'` counts it).
         span = self._killed_progress or {}
-        alive = {k: span[v] for k, v in (("alive_from", "since"), ("alive_until", "time"))
+        alive = {k: span[v] for k, v in (("alive_from", "since"), ("alive_until", "time"), ("alive_seconds", "up"))
                  if isinstance(span.get(v), (int, float))}
         # At the step the run stands at (trackers take steps in order); `reached`: where the kill was.
         self.metrics.event("killed", step=self.step, reached=reached, signal="killed", redone=reached - self.step,
