@@ -16,17 +16,18 @@ from preemptible.errors import ConfigError
 
 
 def number(name: str, value: Any, *, low: float = 0.0, strict: bool = False, none_ok: bool = False,
-           integer: bool = False, unit: str = "", hint: str = "", auto_ok: bool = False) -> None:
-    """`value` is a finite int (or float unless `integer`) >= `low` (> `low` if `strict`), or None if
-    `none_ok`, or the string 'auto' if `auto_ok`."""
+           integer: bool = False, unit: str = "", hint: str = "", auto_ok: bool = False,
+           high: float = math.inf) -> None:
+    """`value` is a finite int (or float unless `integer`) >= `low` (> `low` if `strict`) and <= `high`,
+    or None if `none_ok`, or the string 'auto' if `auto_ok`."""
     if (value is None and none_ok) or (auto_ok and isinstance(value, str) and value == "auto"):
         return
     kinds = (int,) if integer else (int, float)
     ok = (not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
-          and (value > low if strict else value >= low))
+          and (value > low if strict else value >= low) and value <= high)
     if not ok:
         what = "an int" if integer else (unit or "a number")
-        bound = f"> {low:g}" if strict else f">= {low:g}"
+        bound = (f"> {low:g}" if strict else f">= {low:g}") + (f" and <= {high:g}" if high < math.inf else "")
         odd = isinstance(value, float) and not math.isfinite(value)
         raise ConfigError(f"{name}={value!r}; expected {what} {bound}{' or null' if none_ok else ''}"
                           f"{' (a finite value)' if odd else ''}{f' ({hint})' if hint else ''}")

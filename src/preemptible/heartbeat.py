@@ -14,6 +14,7 @@ from typing import Optional
 _last = time.monotonic()
 _count = 0
 _longest = 0.0  # the longest pause between two beats since reset_longest()
+_discount = 0.0  # seconds of the current pause the process spent stopped (a suspension): not a pause
 _phase = "starting"
 _phase_step: Optional[int] = None
 
@@ -21,11 +22,11 @@ _phase_step: Optional[int] = None
 def beat(phase: Optional[str] = None, step: Optional[int] = None) -> None:
     """Record progress now (and, if given, the phase the process enters: a str.format template
     with `{step}` filled from `step` only when the phase is read, never on the training step)."""
-    global _last, _count, _longest, _phase, _phase_step
+    global _last, _count, _longest, _phase, _phase_step, _discount
     now = time.monotonic()
-    if now - _last > _longest:
-        _longest = now - _last
-    _last, _count = now, _count + 1
+    if now - _last - _discount > _longest:
+        _longest = now - _last - _discount
+    _last, _count, _discount = now, _count + 1, 0.0
     if phase is not None:
         _phase, _phase_step = phase, step
 
@@ -46,8 +47,15 @@ def count() -> int:
 
 
 def idle_seconds() -> float:
-    """Seconds since the last recorded progress."""
-    return time.monotonic() - _last
+    """Seconds since the last recorded progress, less the time the process spent stopped since."""
+    return max(0.0, time.monotonic() - _last - _discount)
+
+
+def suspended(seconds: float) -> None:
+    """The process was stopped for `seconds` (SIGSTOP, a SLURM suspend, a paused VM): they count
+    neither as idle time nor as a pause."""
+    global _discount
+    _discount += max(0.0, seconds)
 
 
 def longest_pause() -> float:

@@ -127,6 +127,24 @@ def test_a_frozen_task_is_found_by_the_watchdog_and_the_job_requeued(cluster, tm
     assert_resumed_equal(tmp_path, reference, restarts=1)
 
 
+def test_a_suspended_job_is_not_a_hung_one(cluster, tmp_path, reference):
+    """`scontrol suspend` (SLURM's own SIGSTOP to every process of the job, as PreemptMode=SUSPEND
+    and gang scheduling do) for three times the watchdog's timeout, then `scontrol resume`: the job
+    carries on without a restart and completes equal to the uninterrupted run."""
+    jid = submit(cluster, tmp_path, "--requeue", overrides=[f"trainer.max_steps={STEPS}", "watchdog.timeout=3"],
+                 env={"PREEMPTIBLE_FAULTS": '[{"at": "step", "sleep": 0.02}]'})  # the stop lands mid-run
+    wait_for_step(tmp_path, 50, _Job(cluster, jid))
+    cluster.run("scontrol", "suspend", jid)
+    assert cluster.wait(jid, {"SUSPENDED"}, timeout=30)
+    time.sleep(10)
+    cluster.run("scontrol", "resume", jid)
+    info = cluster.wait(jid, {"COMPLETED", "FAILED"}, timeout=240)
+    log = job_log(tmp_path)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 0, log
+    assert not events(tmp_path, "hung") and "this process was stopped for" in log, log
+    assert_resumed_equal(tmp_path, reference, restarts=0)
+
+
 def test_time_limit_signal(cluster, tmp_path):
     """--time=1 --signal=B:USR2@30: SLURM itself sends USR2 when 30 s are left, or up to 60 s earlier
     (its event resolution), so by 30 s into the job. Step 20 of each run takes 30 s (a fault: a

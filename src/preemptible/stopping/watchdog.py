@@ -30,10 +30,13 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 from preemptible import heartbeat
-from preemptible.checks import number, seconds
+from preemptible.checks import number
 from preemptible.errors import ConfigError, first_line
 from preemptible.names import WATCHDOG
 
+MAX_TIMEOUT = 1e6  # seconds (11.6 days): timeout and floor above it are refused (the process group's timeout is twice it)
+SUSPENDED_AFTER = 1.0  # seconds the watchdog's own thread may oversleep its poll before the gap counts as a suspension
+BEAT_WIDTH = 64  # a beat file's record, padded: rewritten in place
 HANG_EXIT = 86  # a rank ended because the job stopped making progress (a hang) or lost a peer
 AUTO_GROUP_TIMEOUT = 600.0  # the process group's timeout with timeout='auto' (NCCL's default)
 
@@ -56,8 +59,8 @@ class Watchdog:
     factor: float = 5.0
 
     def __post_init__(self) -> None:
-        number("timeout", self.timeout, strict=True, unit="seconds", hint="or 'auto'", auto_ok=True)
-        seconds("floor", self.floor, strict=True)
+        number("timeout", self.timeout, strict=True, unit="seconds", hint="or 'auto'", auto_ok=True, high=MAX_TIMEOUT)
+        number("floor", self.floor, strict=True, unit="seconds", high=MAX_TIMEOUT)
         number("factor", self.factor, low=1.0)
 
     @property
@@ -96,12 +99,16 @@ def _chain(exc: Optional[BaseException]) -> list[BaseException]:
 
 
 class Ender:
-    """How a rank ends on a hang or a lost peer: the record, one line, the release, the requeue, the exit."""
+    """How a rank ends on a hang or a lost peer: the record, one line, the release, the requeue, the exit.
+
+    record: appends one row to the run's metrics (the `hung` event). owns: whether the run still owns
+    its directory (a rank woken after its job was replaced writes nothing there, requeues nothing)."""
 
     def __init__(self, run_dir: Path, rank: int, step: Callable[[], int], release: Callable[[], None],
-                 requeue: Callable[[], bool]):
+                 requeue: Callable[[], bool], record: Callable[[dict], None],
+                 owns: Callable[[], bool] = lambda: True):
         self.dir, self.rank = Path(run_dir), rank
-        self._step, self._release, self._requeue = step, release, requeue
+        self._step, self._release, self._requeue, self._record, self.owns = step, release, requeue, record, owns
         self._once = threading.Lock()
 
     def end(self, kind: str, cause: str, exc: Optional[BaseException] = None) -> None:
@@ -109,16 +116,17 @@ class Ender:
         if not self._once.acquire(blocking=False):
             time.sleep(3600)  # the other path is ending the process
         step, phase = self._step(), heartbeat.phase()
-        path = self._write_stacks(kind, cause, step, phase, exc)
-        from preemptible.observe.metrics import append_event
-
-        append_event(self.dir, {"event": "hung", "step": step, "reached": step, "signal": kind, "rank": self.rank,
-                                "cause": cause, "phase": phase,
-                                "stacks": os.path.relpath(path, self.dir) if path else None})
-        where = path or "stderr (the run directory could not be written)"
+        ours = _safely(self.owns, True)
+        path = self._write_stacks(kind, cause, step, phase, exc, ours)
+        if ours:
+            self._record({"event": "hung", "step": step, "reached": step, "signal": kind, "rank": self.rank,
+                          "cause": cause, "phase": phase,
+                          "stacks": os.path.relpath(path, self.dir) if path else None})
+        where = path or ("stderr (the run directory could not be written)" if ours else
+                         "stderr (the run directory is no longer this run's: nothing was written there)")
         log.error("rank %d: %s: %s, at step %d in %s; stacks in %s; ending with status %d (the last committed "
                   "checkpoint stays the one to resume from)", self.rank, kind, cause, step, phase, where, HANG_EXIT)
-        for action in (self._release, self._maybe_requeue):
+        for action in ((self._release, self._maybe_requeue) if ours else ()):
             try:
                 action()
             except Exception as e:  # noqa: BLE001 -- ending anyway; say why the step was skipped
@@ -142,7 +150,8 @@ class Ender:
             if slurm.requeue():
                 log.info("rank %d requeued the SLURM job %s", self.rank, slurm.job_id())
 
-    def _write_stacks(self, kind: str, cause: str, step: int, phase: str, exc: Optional[BaseException]) -> Optional[Path]:
+    def _write_stacks(self, kind: str, cause: str, step: int, phase: str, exc: Optional[BaseException],
+                      ours: bool) -> Optional[Path]:
         lines = [f"preemptible watchdog: {kind}: {cause}",
                  f"rank {self.rank}, step {step}, phase: {phase}",
                  f"host {socket.gethostname()}, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S %z')}", ""]
@@ -156,6 +165,9 @@ class Ender:
             lines.append("")
         text = "\n".join(lines) + "\n"
         path = self.dir / WATCHDOG / f"stacks-step{step:08d}-rank{self.rank}.txt"
+        if not ours:
+            sys.stderr.write(text)
+            return None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
@@ -178,11 +190,18 @@ class Watcher:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._written = -1
+        self._fd: Optional[int] = None  # this rank's beat file, rewritten in place (no new blocks: a full disk)
         self._peers: dict[str, tuple[str, float]] = {}  # file name -> (content, when it last changed)
+        self._woke = time.monotonic()  # when the thread last woke from its poll
+        self.stopped_for = 0.0  # seconds this process spent stopped (suspended) while watched
 
     def start(self) -> "Watcher":
         if self.world_size > 1:
-            self._dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self._dir.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise ConfigError(f"{self._dir} is a file; the watchdog keeps each rank's beat file in a folder of "
+                                  "that name: move the file away, or turn the watchdog off (watchdog=None)") from None
         self._thread = threading.Thread(target=self._loop, name="preemptible-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -198,6 +217,9 @@ class Watcher:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self._thread = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def timeout(self) -> float:
         o = self.options
@@ -208,6 +230,7 @@ class Watcher:
     def _loop(self) -> None:
         while not self._stop.wait(self._poll()):
             try:
+                self._woken()
                 self._tick()
             except Exception as e:  # noqa: BLE001 -- a watchdog that fails must not end the run
                 log.warning("the watchdog stopped watching: %s", first_line(e))
@@ -217,11 +240,37 @@ class Watcher:
         t = self.options.timeout
         return min(1.0, max(0.05, (t if t != "auto" else self.options.floor) / 10))
 
+    def _woken(self) -> None:
+        """A suspension: this thread slept far past its poll, so the whole process was stopped
+        (SIGSTOP, `scontrol suspend`, a paused VM or container). The span counts neither as this
+        rank's idle time nor as any peer's: the watch goes on from where it stood before it."""
+        now = time.monotonic()
+        gap, self._woke = now - self._woke - self._poll(), now
+        if gap <= SUSPENDED_AFTER:
+            return
+        heartbeat.suspended(gap)
+        self._peers = {name: (content, seen + gap) for name, (content, seen) in self._peers.items()}
+        self.stopped_for += gap
+        log.warning("rank %d: this process was stopped for %.1fs (a suspension: SIGSTOP, a SLURM suspend, a paused "
+                    "machine); the watchdog does not count it as a hang", self.ender.rank, gap)
+
+    def _beat(self, count: int) -> None:
+        """This rank's beat count in its file, for its peers: written in place, never while another
+        run owns the directory (a rank woken after its job was replaced)."""
+        if not _safely(self.ender.owns, True):
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._mine, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.pwrite(self._fd, f"{self._token}:{count}".ljust(BEAT_WIDTH).encode(), 0)
+            self._written = count
+        except OSError:
+            pass  # a full disk: peers see no progress here only if this rank makes none either
+
     def _tick(self) -> None:
         count = heartbeat.count()
         if self.world_size > 1 and count != self._written:
-            self._written = count
-            self._mine.write_text(f"{self._token}:{count}")
+            self._beat(count)
         if not self._armed:
             return
         limit, idle = self.timeout(), heartbeat.idle_seconds()
@@ -250,6 +299,13 @@ class Watcher:
                 self._peers[name] = (content, now)
             newest = min(newest, now - self._peers[name][1])
         return newest
+
+
+def _safely(check: Callable[[], bool], default: bool) -> bool:
+    try:
+        return bool(check())
+    except Exception:  # noqa: BLE001 -- cannot tell: as if it could
+        return default
 
 
 def check_watchdog(value: Any) -> Optional[Watchdog]:
