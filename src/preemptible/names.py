@@ -14,6 +14,7 @@
 
 CHECKPOINTS = "checkpoints"
 LEASE = "OWNER"
+TAKEOVER = LEASE + ".takeover"  # serialises taking over a stale lease
 STOP_FILE = "STOP"
 METRICS = "metrics.jsonl"
 PROGRESS = "progress.json"
@@ -22,3 +23,11 @@ COMMIT = "COMMITTED"
 LATEST = "latest"
 ABANDONED = "abandoned"
 WATCHDOG = "watchdog"
+
+# Every name above that lives directly in a run directory: no file of the user's (a log file) may take one.
+RUN_DIR_NAMES = (LEASE, TAKEOVER, STOP_FILE, METRICS, PROGRESS, TRACKERS, WATCHDOG, CHECKPOINTS)
+
+
+def is_run_dir_name(name: str) -> bool:
+    """A name the run directory uses itself (the lease's temporary files, OWNER.*, included)."""
+    return name in RUN_DIR_NAMES or name.startswith(LEASE + ".")

@@ -202,3 +202,34 @@ def test_a_read_only_remount_keeps_the_runs_one_line_error(tmp_path):
     assert "ERROR CheckpointError checkpoint step_00000003 could not be written" in proc.stdout, proc.stdout + proc.stderr
     assert "Read-only file system" in proc.stdout and "could not be removed" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+WAITER = textwrap.dedent("""
+    import sys, torch, preemptible
+    run = preemptible.Run(sys.argv[1], model=torch.nn.Linear(1, 1), ownership=preemptible.Ownership(wait=60))
+    with run:
+        print("started", flush=True)
+""")
+
+
+def test_a_stop_signal_while_waiting_for_the_owner_ends_the_wait_with_one_line(tmp_path):
+    """TERM while a run waits for another run's lease: the wait ends at once, one line says why,
+    then the signal acts as it would have (the process ends on it); nothing was created."""
+    owner = hold(tmp_path, stale_after=600)
+    try:
+        waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(tmp_path)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        seen = []
+        while not seen or "in use by" not in seen[-1]:
+            seen.append(waiter.stdout.readline())
+            assert seen[-1], f"the waiter ended before it waited: {seen}"
+        waiter.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        out = "".join(seen) + waiter.communicate(timeout=30)[0]
+        assert waiter.returncode == -signal.SIGTERM and time.monotonic() - started < 5
+        lines = [line for line in out.splitlines() if "SIGTERM while waiting for the run directory's owner" in line]
+        assert len(lines) == 1 and f"pid {owner.pid}" in lines[0] and "nothing was started or saved" in lines[0], out
+        assert json.loads((tmp_path / LEASE).read_text())["pid"] == owner.pid  # untouched
+    finally:
+        owner.kill()
+        owner.wait()

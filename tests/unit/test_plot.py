@@ -72,3 +72,21 @@ def test_a_hang_and_a_lost_peer_are_their_own_kind_of_end(tmp_path):
     found = interruptions(tmp_path)
     assert [(i.reason, i.stop_step, i.resume_step) for i in found] == [("hung", 14, 10), ("peer lost", 17, 15)]
     assert plot_run(tmp_path, tmp_path / "x.png").is_file()
+
+
+def test_the_output_is_a_picture_file_or_one_line(tmp_path, capsys):
+    """-o names a .png/.svg/.pdf file, or a directory (run.png in it, and said so); anything else,
+    or a path that cannot be written, is one `error:` line with status 2, not a traceback."""
+    from preemptible.__main__ import main
+
+    _write(tmp_path, [{"step": s, "loss": 1.0, "time": 1000.0 + s} for s in range(1, 4)])
+    out_dir = tmp_path / "pictures"
+    out_dir.mkdir()
+    assert main(["plot", str(tmp_path), "-o", str(out_dir)]) == 0
+    assert (out_dir / "run.png").is_file() and f"wrote {out_dir / 'run.png'}" in capsys.readouterr().out
+    for bad, words in ((tmp_path / "x.txt", "expected a file name ending in .png, .svg, .pdf"),
+                       ("/proc/x.png", "cannot be written")):
+        assert main(["plot", str(tmp_path), "-o", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: out={str(bad)!r}") and words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.txt").exists()

@@ -115,11 +115,13 @@ class Checkpointer(Finding):
     The local tier must be visible to every rank (one node, or a shared filesystem).
     """
 
-    def __init__(self, dir: Optional[str] = None, interval: int = 100, keep: int = 2, resume: str = "auto",
+    def __init__(self, dir: Optional[str | os.PathLike] = None, interval: int = 100, keep: int = 2,
+                 resume: str | os.PathLike = "auto",
                  async_save: bool = False, write_threads: int = 2, fsync: bool = True, writeback_mib: int = 8,
                  zip_crc32: bool = False, verify: bool = True, keep_abandoned: bool = True,
-                 local_dir: Optional[str] = None, meta: Optional[dict[str, Any]] = None,
+                 local_dir: Optional[str | os.PathLike] = None, meta: Optional[dict[str, Any]] = None,
                  interrupt_every: Optional[float] = None):
+        dir, resume, local_dir = (os.fspath(v) if isinstance(v, os.PathLike) else v for v in (dir, resume, local_dir))
         number("interval", interval, integer=True, auto_ok=True, hint="0 = only on stop and at the end, or 'auto'")
         number("interrupt_every", interrupt_every, strict=True, none_ok=True, unit="seconds",
                hint="null = learned from the run directory's history")

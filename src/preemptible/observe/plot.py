@@ -78,7 +78,7 @@ def plot_run(run_dir: Any, out: Optional[Any] = None, title: Optional[str] = Non
     history: History = read_history(run_dir)
     if not history.rows:
         raise ConfigError(f"run_dir={str(run_dir)!r}: metrics.jsonl has no steps yet")
-    out = Path(out) if out is not None else run_dir / "run.png"
+    out = _output(run_dir, out)
 
     fig = Figure(figsize=(10, 4.8), dpi=110)
     FigureCanvasAgg(fig)
@@ -104,8 +104,25 @@ def plot_run(run_dir: Any, out: Optional[Any] = None, title: Optional[str] = Non
         handles, names = handles + h2, names + n2
     fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    except OSError as e:
+        raise ConfigError(f"out={str(out)!r} cannot be written ({e.strerror or e}); choose a writable path") from None
+    return out
+
+
+FORMATS = (".png", ".svg", ".pdf")
+
+
+def _output(run_dir: Path, out: Optional[Any]) -> Path:
+    """Where the picture goes: `out`, or `out/run.png` when `out` is a directory (default: the run's)."""
+    out = Path(out) if out is not None else run_dir
+    if out.is_dir():
+        out = out / "run.png"
+    if out.suffix.lower() not in FORMATS:
+        raise ConfigError(f"out={str(out)!r}; expected a file name ending in {', '.join(FORMATS)} (or a directory: "
+                          "run.png in it)")
     return out
 
 

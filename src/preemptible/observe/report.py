@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 
 from preemptible.checks import number, one_of
 from preemptible.errors import ConfigError
+from preemptible.names import RUN_DIR_NAMES, is_run_dir_name
 
 
 @dataclass(frozen=True)
@@ -30,3 +31,6 @@ class Report:
         name = self.log_file
         if name is not None and (not isinstance(name, str) or not name or os.sep in name or name in (".", "..")):
             raise ConfigError(f"log_file={name!r}; expected a file name (it is written inside the run directory)")
+        if name is not None and is_run_dir_name(name):
+            raise ConfigError(f"log_file={name!r} is a name the run directory uses itself ({', '.join(RUN_DIR_NAMES)}); "
+                              "choose another, such as train.log")

@@ -30,12 +30,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from preemptible.checks import seconds
 from preemptible.errors import CheckpointError, ConfigError
 from preemptible.files import write_atomic
-from preemptible.names import LEASE
+from preemptible.names import LEASE, TAKEOVER
 
 log = logging.getLogger("preemptible.ownership")  # the name users filter on (stable across moves)
 
@@ -82,6 +82,14 @@ def describe(owner: dict[str, Any]) -> str:
     return f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}{job}, since {since}"
 
 
+class WaitInterrupted(Exception):
+    """A stop signal arrived while waiting for another run to release the directory."""
+
+    def __init__(self, signum: int, waiting_for: str):
+        super().__init__(signum, waiting_for)
+        self.signum, self.waiting_for = signum, waiting_for
+
+
 WAIT = 120.0        # seconds a second run waits for the owner (a requeued job overlapping the old one)
 STALE_AFTER = 30.0  # seconds without a renewal after which an owner on another host counts as dead
 
@@ -122,6 +130,7 @@ class RunLease:
         if not 0 < self.heartbeat < self.stale_after:
             raise ConfigError(f"heartbeat={heartbeat!r}; expected seconds > 0 and below stale_after={stale_after!r}")
         self.token = secrets.token_hex(8)
+        self.interrupted: Callable[[], Optional[int]] = lambda: None  # a signal that ends the wait for the owner
         self.record: dict[str, Any] = {}
         self.lost: Optional[str] = None
         self._stop = threading.Event()
@@ -163,6 +172,9 @@ class RunLease:
                 log.warning("run directory %s is in use by %s; waiting up to %gs for it to finish",
                             self.path.parent, describe(owner), self.wait)
                 announced = True
+            signum = self.interrupted()
+            if signum is not None:
+                raise WaitInterrupted(signum, f"{self.path.parent} is in use by {describe(owner)}")
             time.sleep(min(0.5, self.heartbeat, max(0.01, deadline - time.monotonic())))
         self._thread = threading.Thread(target=self._renew_loop, name="preemptible-lease", daemon=True)
         self._thread.start()
@@ -213,7 +225,7 @@ class RunLease:
         return None
 
     def _take_over(self, text: str, reason: str, owner: dict[str, Any]) -> bool:
-        gate = self.path.with_name(LEASE + ".takeover")
+        gate = self.path.with_name(TAKEOVER)
         try:
             fd = os.open(gate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -238,7 +250,7 @@ class RunLease:
     # -- holding ---------------------------------------------------------------------------
 
     def _renew_loop(self) -> None:
-        beat = 0
+        beat, failing = 0, False
         while not self._stop.wait(self.heartbeat):
             beat += 1
             try:
@@ -249,8 +261,15 @@ class RunLease:
                     log.error("%s; this run commits nothing more", self.lost)
                     return
                 write_atomic(self.path, self._new_record(beat), durable=False, tmp_name=f"{LEASE}.{self.token}.tmp")
-            except OSError as e:  # a shared filesystem hiccup: try again at the next beat
-                log.warning("run directory lease: renewal failed (%s)", e)
+                if failing:
+                    log.warning("run directory lease: renewed again")
+                failing = False
+            except OSError as e:  # a shared filesystem hiccup, a full disk: try again at the next beat
+                if not failing:
+                    log.warning("run directory lease: renewal failed (%s); trying again every %gs (a run on another "
+                                "host may take the directory over after %gs without one)", e.strerror or e,
+                                self.heartbeat, self.stale_after)
+                failing = True
 
     def check(self) -> None:
         """Raise CheckpointError if another run owns the directory now (called before each commit)."""
@@ -280,3 +299,26 @@ class RunLease:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+class Holder:
+    """Whether this run still owns its run directory, asked from any rank: the lease file still
+    holds the token rank 0's lease was taken with (`token`: broadcast at the start). A rank woken
+    after its job ended (the lease released) or was replaced (another run's token) is told no, and
+    writes nothing more there. `lease`: rank 0's own lease, whose renewals notice a takeover too."""
+
+    def __init__(self, directory: str | os.PathLike, token: Optional[str], lease: Optional[RunLease] = None):
+        self.path, self.token, self.lease = Path(directory) / LEASE, token, lease
+
+    def __call__(self) -> bool:
+        if self.token is None:
+            return True  # no lease taken (nothing to compare with)
+        if self.lease is not None and self.lease.lost is not None:
+            return False
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return False  # released: the run that owned it has ended
+        except OSError:
+            return True  # cannot tell: as if it could
+        return RunLease._parse(text).get("token") == self.token

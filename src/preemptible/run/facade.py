@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -47,16 +48,17 @@ from preemptible.checks import path as check_path
 from preemptible.distributed.env import barrier, broadcast_object, is_distributed
 from preemptible.errors import ConfigError, described, in_part
 from preemptible.names import CHECKPOINTS
-from preemptible.observe.lifecycle import attach as show_lifecycle
-from preemptible.observe.metrics import METRICS, PROGRESS, Metrics, read_progress, unclean_end
+from preemptible.observe.lifecycle import LIFECYCLE, attach as show_lifecycle
+from preemptible.observe.logfile import open_log
+from preemptible.observe.metrics import METRICS, PROGRESS, Metrics, append_event, process_start_time, read_progress, unclean_end
 from preemptible.observe.report import Report
 from preemptible.observe.trackers import TrackerFeed
-from preemptible.ownership.lease import Ownership, RunLease
+from preemptible.ownership.lease import Holder, Ownership, RunLease, WaitInterrupted
 from preemptible.run.ending import Ending
 from preemptible.run.resuming import Resuming
 from preemptible.run.saving import Saving
 from preemptible.run.feed import Feed
-from preemptible.run.parts import Progress, RankState, check_training_objects, part, process_start_time, refuse_moved
+from preemptible.run.parts import Progress, RankState, check_training_objects, part, refuse_moved
 from preemptible.run.state import ModelOptimState, PlainValues, params_sha256
 from preemptible.stopping.decision import Stop, agreed_stop, end_time
 from preemptible.stopping.options import Stopping
@@ -154,6 +156,8 @@ class Run(Resuming, Saving, Ending):
         self._schedule: Any = None  # checkpoint interval='auto': when saves are due
         self._ender: Optional[Ender] = None      # ends the rank on a hang or a lost peer
         self._watcher: Optional[Watcher] = None
+        self._holding = False  # this run began holding its signals (for the lease's wait)
+        self._owns: Any = lambda: True  # whether the run still owns its directory (a Holder, once entered)
 
     # -- entering: own, install, resume ---------------------------------------------------------
 
@@ -188,6 +192,7 @@ class Run(Resuming, Saving, Ending):
             self.metrics = Metrics(str(self.dir), enabled=self.rank == 0, max_steps=self.max_steps or 0,
                                    log_every=self.report.log_every)
             self.metrics.since = process_start_time()
+            self.metrics.owns = self._owns
             self._dcp = self._state_for_dcp()
             self._watch()
             self._check = self._stop_check()
@@ -221,7 +226,8 @@ class Run(Resuming, Saving, Ending):
 
     def _watch(self) -> None:
         """The end on a hang or a lost peer (always), and the watchdog's thread (when asked for)."""
-        self._ender = Ender(self.dir, self.rank, lambda: self.step, self._release, self._wants_requeue)
+        self._ender = Ender(self.dir, self.rank, lambda: self.step, self._release, self._wants_requeue,
+                            record=lambda row: append_event(self.dir, row), owns=self._owns)
         heartbeat.beat("the start: the resume, then the first step")
         if self.watchdog is not None:
             self._watcher = Watcher(self.watchdog, self._ender, self.world_size, self._save_seconds).start()
@@ -241,7 +247,7 @@ class Run(Resuming, Saving, Ending):
                 d = d.parent
             for i, d in enumerate(dirs):
                 try:
-                    self._leases.append(RunLease(d, wait=self.ownership.wait, stale_after=self.ownership.stale_after).acquire())
+                    self._leases.append(self._lease(d))
                 except ConfigError as e:
                     error = in_part("checkpoint", ConfigError(f"dir={str(d)!r}: {e}")) if i else e
                     break
@@ -260,15 +266,35 @@ class Run(Resuming, Saving, Ending):
                         "AWS_ENDPOINT_URL and the credentials"))
             if error is None and self.notices is not None:
                 self.notices.clear_stop_file(self.dir)  # before any node polls for it
-        error = broadcast_object(error)
+        token = self._leases[0].token if self._leases and self.rank == 0 else None
+        error, token = broadcast_object((error, token))
         if error is not None:
             raise error
+        self._owns = Holder(self.dir, token, self._leases[0] if self._leases and self.rank == 0 else None)
         barrier()  # the directory exists for every rank
         if self.report.log_file:
             root = logging.getLogger()
-            self._log_handler = logging.FileHandler(self.dir / self.report.log_file)
-            self._log_handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
-            root.addHandler(self._log_handler)
+            self._log_handler = open_log(self.dir / self.report.log_file, root.handlers[0].formatter if root.handlers else None)
+            if self._log_handler is not None:
+                root.addHandler(self._log_handler)
+
+    def _lease(self, directory: Path) -> RunLease:
+        """The lease of `directory`. With signal handling, the run's signals are held while it waits
+        for another run to finish: one ends the wait with one line, and then acts as it would have
+        (by default, the process ends on it), since nothing has started that a stop could save."""
+        from preemptible.stopping import early
+
+        lease = RunLease(directory, wait=self.ownership.wait, stale_after=self.ownership.stale_after)
+        if self.handler is not None:
+            self._holding |= early.hold_signals()
+            lease.interrupted = early.first_held
+        try:
+            return lease.acquire()
+        except WaitInterrupted as e:
+            log.error("%s while waiting for the run directory's owner (%s): nothing was started or saved; ending as "
+                      "that signal does", signal.Signals(e.signum).name, e.waiting_for, extra=LIFECYCLE)
+            early.release_held()
+            raise ConfigError(f"{signal.Signals(e.signum).name} while waiting for {e.waiting_for}") from None
 
     @staticmethod
     def _polls_notices() -> bool:
@@ -287,6 +313,10 @@ class Run(Resuming, Saving, Ending):
             self._watcher.stop()
         if self.handler is not None and getattr(self.handler, "_installed", False):
             self.handler.release()
+        elif self._holding:
+            from preemptible.stopping import early
+
+            early.release_held()  # held from the lease's wait on: they act as they would have
         self._close_log()
         self._stop_lines()
         for h in self._hooks:

@@ -25,11 +25,13 @@ _held: list[tuple[int, float]] = []
 _previous: dict[int, Any] = {}
 
 
-def hold_signals(signals: tuple = HELD_SIGNALS) -> None:
+def hold_signals(signals: tuple = HELD_SIGNALS) -> bool:
     """From now on, record `signals` instead of acting on them, until a handler takes them over.
-    Main thread only (elsewhere a no-op); signals already ignored stay ignored."""
+    Main thread only (elsewhere a no-op); signals already ignored stay ignored. True if this call
+    began holding any (False: already held, or none to hold)."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return False
+    began = False
     for s in signals:
         if s in _previous:
             continue
@@ -37,10 +39,17 @@ def hold_signals(signals: tuple = HELD_SIGNALS) -> None:
         if current is signal.SIG_IGN:
             continue
         _previous[s] = signal.signal(s, _record)
+        began = True
+    return began
 
 
 def _record(signum: int, frame: Any) -> None:
     _held.append((signum, time.time()))
+
+
+def first_held() -> int | None:
+    """The first signal held so far, if any (a wait can end on it)."""
+    return _held[0][0] if _held else None
 
 
 def take_held() -> list[tuple[int, float]]:
