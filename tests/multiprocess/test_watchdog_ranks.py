@@ -137,3 +137,37 @@ def test_interval_auto_saves_at_the_same_steps_on_every_rank(tmp_path):
     steps = sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").glob("step_*"))
     assert steps[-1] == 60
     assert_nothing_half_written(tmp_path)
+
+
+def test_a_rank_woken_after_its_job_was_replaced_writes_nothing_there(tmp_path):
+    """Rank 1 frozen (SIGSTOP); rank 0's watchdog ends the job (86) and releases the directory; a
+    successor takes it (a real lease, as a requeued job's rank 0 would); then rank 1 wakes (SIGCONT):
+    it sees its peer gone and ends with 86 too, but appends no event, writes no stacks file and no
+    beat into the successor's directory (its stacks go to stderr)."""
+    from preemptible.ownership.lease import RunLease
+
+    procs = tasks(tmp_path, {"timeout": 3, "steps": 400, "step_sleep": 0.03, "interval": 5})
+    successor = None
+    try:
+        wait_for_step(tmp_path, 12, procs)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        out0, _ = procs[0].communicate(timeout=60)
+        assert procs[0].returncode == HANG_EXIT, out0
+        successor = RunLease(tmp_path, wait=10, stale_after=30).acquire()
+        before = {p.name: p.read_bytes() for p in (tmp_path / "watchdog").iterdir()}
+        metrics = (tmp_path / "metrics.jsonl").read_bytes()
+        os.kill(procs[1].pid, signal.SIGCONT)
+        out1, _ = procs[1].communicate(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if successor is not None:
+            successor.release()
+    assert procs[1].returncode == HANG_EXIT, out1
+    assert "the run directory is no longer this run's: nothing was written there" in out1, out1
+    assert "thread MainThread" in out1  # the stacks, on stderr instead
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics  # one hung event: rank 0's
+    assert [(r["rank"], r["signal"]) for r in rows(tmp_path) if r.get("event") == "hung"] == [(0, "hung")]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "watchdog").iterdir()} == before

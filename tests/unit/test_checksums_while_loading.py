@@ -105,3 +105,23 @@ def test_resume_path_given_a_changed_checkpoint_is_refused_with_the_reason(tmp_p
     with pytest.raises(Exception, match=f"resume=.*is not a valid checkpoint: {shard.name} does not match its checksum"):
         with run:
             pass
+
+
+def test_a_changed_metadata_file_is_one_line_not_dcps_tracebacks(tmp_path, caplog):
+    """.metadata's bytes changed: the resume falls back to the checkpoint before with its one line;
+    DCP's own 'Global metadata is not found' traceback (on the root logger) and its second try at
+    per-rank metadata files (a second traceback) do not appear."""
+    _, first = train(tmp_path, steps=8)
+    meta = tmp_path / "checkpoints" / "step_00000008" / ".metadata"
+    data = bytearray(meta.read_bytes())
+    for i in range(10, len(data), 7):
+        data[i] ^= 0xFF
+    meta.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        run, digests = train(tmp_path)
+    assert digests["start"] == (4, first[4])
+    shown = [r for r in caplog.records if r.levelno >= logging.WARNING]  # what a user's log shows
+    assert any(".metadata does not match its checksum" in r.getMessage() for r in shown)
+    assert not any(r.exc_info for r in shown), [r.getMessage() for r in shown if r.exc_info]
+    assert not any("metadata is not found" in r.getMessage() for r in shown)
+    assert logging.getLogger().filters == []  # the filter was the load's alone

@@ -145,6 +145,9 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path):
     (lambda: dict(stopping=Stopping(grace_period=0)), "grace_period=0"),
     (lambda: dict(stopping=Stopping(exit_code_on_stop=300)), "exit_code_on_stop=300"),
     (lambda: dict(report=Report(log_every=0)), "log_every=0"),
+    (lambda: dict(report=Report(log_file="OWNER")), "log_file='OWNER' is a name the run directory uses itself"),
+    (lambda: dict(report=Report(log_file="metrics.jsonl")), "log_file='metrics.jsonl' is a name the run directory"),
+    (lambda: dict(report=Report(log_file="OWNER.takeover")), "log_file='OWNER.takeover' is a name"),
     (lambda: dict(stopping=Stopping(max_time=-5)), "max_time=-5"),
     (lambda: dict(stopping=Stopping(requeue="maybe")), "requeue='maybe'"),
     (lambda: dict(ownership=Ownership(wait=-1)), "wait=-1"),
@@ -308,3 +311,29 @@ def test_run_takes_the_training_objects_and_a_few_parts():
     named = [n for n, p in inspect.signature(Run).parameters.items() if p.kind is not p.VAR_KEYWORD]
     assert named == ["dir", "model", "optimizer", "scheduler", "data", "state", "values", "max_steps",
                      "checkpoint", "stopping", "ownership", "tracker", "report", "watchdog"]  # 14
+
+
+def test_paths_are_taken_wherever_a_directory_is(tmp_path):
+    """Checkpointer(dir=, resume=) take a Path as Run(dir) does."""
+    model = torch.nn.Linear(1, 1)
+    run = Run(tmp_path / "run", model=model, data=range(10), max_steps=2, stopping=Stopping(signals=None),
+              checkpoint=Checkpointer(dir=tmp_path / "ckpt", interval=1))
+    with run:
+        for _ in run.batches():
+            run.step_done()
+    again = Run(tmp_path / "run2", model=model, data=range(10), max_steps=3, stopping=Stopping(signals=None),
+                checkpoint=Checkpointer(resume=tmp_path / "ckpt" / "step_00000002"))
+    with again:
+        assert again.step == 2
+
+
+def test_a_file_where_the_watchdog_keeps_its_beats_is_one_line(tmp_path):
+    """<run dir>/watchdog being a file: one ConfigError naming it, not a FileExistsError (the
+    beat files are kept there only with more than one rank; the Watcher is built alike)."""
+    from preemptible.stopping.watchdog import Ender, Watcher, Watchdog
+
+    (tmp_path / "watchdog").write_text("mine")
+    ender = Ender(tmp_path, 0, lambda: 0, lambda: None, lambda: False, record=lambda row: None)
+    with pytest.raises(ConfigError, match="watchdog is a file; the watchdog keeps each rank's beat file"):
+        Watcher(Watchdog(timeout=5), ender, world_size=2, save_seconds=lambda: 0.0).start()
+    assert (tmp_path / "watchdog").read_text() == "mine"

@@ -3,6 +3,7 @@ whoever wrote the checkpoint), and model weights for fine-tuning (`load_model_we
 
 from __future__ import annotations
 
+import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,25 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
+class _NoMetadataTraceback(logging.Filter):
+    """DCP logs a metadata file it cannot read on the root logger, with its traceback; the load's
+    own error (one line: the checksum that does not match, the class that is not allowed) says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Global metadata is not found")
+
+
+@contextmanager
+def _quiet_metadata_fallback() -> Iterator[None]:
+    quiet = _NoMetadataTraceback()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 
 def describe_failure(e: BaseException) -> str:
     """One line for a DCP failure: the first failing rank's own exception, not DCP's wrapper."""
@@ -47,7 +67,7 @@ def load_state(path: Path, state: dict[str, Any], what: str, checksums: bool = F
         raise ConfigError(f"{what} is not a valid checkpoint: {e}") from None
     reader = SafeReader(str(path), listed, checksums=checksums)
     try:
-        with _quiet_single_process():
+        with _quiet_single_process(), _quiet_metadata_fallback():
             dcp.load(state, storage_reader=reader, planner=SafePlanner())
     except (UnsafeCheckpointError, CorruptCheckpointError) as e:
         raise type(e)(f"{what}: {e}") from None

@@ -171,8 +171,10 @@ class SafeReader(FileSystemReader):
     def mismatch(self) -> Optional[CorruptCheckpointError]:
         return getattr(self.fs, "mismatch", None)
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        path = self._get_metadata_path(kwargs.get("rank"))
+    def read_metadata(self) -> Any:
+        # No `rank=`: our checkpoints hold one global .metadata, so DCP's fallback to per-rank
+        # metadata files (which it tries, with a second traceback, on readers that take kwargs) never runs.
+        path = self._get_metadata_path()
         with self.fs.create_stream(path, "rb") as f:
             try:
                 metadata = load_metadata(f)
