@@ -16,7 +16,8 @@ class Report:
     """log_every:     losses are read from the device and printed every N steps (metrics.jsonl gets
                        every step either way; reading less often avoids a host-device sync per step).
     log_file:          a file name in the run directory that gets this process's log records while the
-                       run owns it (None: none).
+                       run owns it (None: none); not a name the run directory uses itself (OWNER,
+                       metrics.jsonl, ...). A write that fails (a full disk) is one line, never the run's end.
     param_digests:     'done' (the done event carries the parameters' SHA-256), True (the preempted
                        and resumed events too: a pass over the parameters at each), False (none).
     """
