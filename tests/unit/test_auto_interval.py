@@ -190,11 +190,11 @@ def test_times_that_cannot_be_right_are_not_read(tmp_path):
     ahead = now + 75 * 365 * 86400.0
     future = [{"step": 1, "time": ahead}, {"step": 2, "time": ahead + 10},
               {"event": "preempted", "step": 2, "time": ahead + 11, "alive_seconds": 11.0}]
-    assert interval._alive(future, now) == (0.0, 1)  # the span was measured, but it is older than any sane time
+    assert interval._alive(future, now) == (0.0, 0)  # nothing in it can be placed in time: no history
     sane = [{"step": 1, "time": now - 100}] + future + [{"event": "resumed", "step": 2, "time": now - 50},
                                                       {"step": 3, "time": now - 20}]
     alive, count = interval._alive(sane, now)
-    assert count == 1 and alive == pytest.approx(11.0 + 30.0)  # the measured 11 s, then 30 s of this run
+    assert count == 0 and alive == pytest.approx(11.0 + 30.0)  # the measured 11 s, then 30 s of this run
     crafted = [{"step": 1, "time": now - 60}, {"event": "killed", "step": 1, "time": now - 30,
                                                "alive_from": -1e300, "alive_until": 1e300, "alive_seconds": 1e300}]
     alive, count = interval._alive(crafted, now)
@@ -224,3 +224,40 @@ def test_a_history_that_cannot_be_read_is_a_warning(tmp_path, caplog):
         auto = AutoInterval(interrupt_every=None, run_dir=tmp_path)
     assert auto.every()[0] > 0 and not auto._count
     assert any("cannot be read" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("history", ["clock ahead", "-Infinity", "a directory"])
+def test_a_run_trains_through_a_history_it_cannot_trust(tmp_path, history):
+    """A Run with interval='auto' on a run directory whose history was written 75 years ahead,
+    holds -Infinity (which json reads), or is a directory: it trains to the end, choosing an
+    interval within the cap and saving periodically (it used to save every 5,214,852 steps, or stop
+    at step 3 with a traceback)."""
+    from preemptible.observe.metrics import append_rows
+
+    path = tmp_path / "metrics.jsonl"
+    if history == "a directory":
+        path.mkdir()
+    else:
+        t = time.time() + (75 * 365 * 86400.0 if history == "clock ahead" else 0.0)
+        rows = [{"step": s, "loss": 1.0, "time": t + s} for s in range(1, 4)]
+        rows += [{"event": "killed", "step": 0, "time": t + 10, "alive_from": t, "alive_until": t + 1e9}]
+        append_rows(str(path), rows)
+        if history == "-Infinity":
+            with open(path, "a") as f:
+                f.write('{"step": 4, "time": -Infinity}\n{"event": "hung", "step": 4, "time": -Infinity}\n')
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = Run(tmp_path, model=model, optimizer=opt, data=(torch.randn(2) for _ in iter(int, 1)), max_steps=40,
+              checkpoint=Checkpointer(interval="auto", keep=50))
+    with run:
+        for x in run.batches():
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+            time.sleep(0.02)
+            run.step_done()
+    assert run.exit_code == 0 and run.step == 40
+    chosen = run._schedule.auto.choose(0.01)
+    assert chosen.seconds <= interval.MAX_INTERVAL and chosen.steps <= interval.MAX_INTERVAL / 0.02
+    saved = sorted(int(p.name[5:]) for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert saved[-1] == 40 and len(saved) <= 10  # not every step: nothing in the history says interruptions are near

@@ -90,7 +90,8 @@ def _alive(rows: list[dict], now: Optional[float] = None) -> tuple[float, int]:
     (`alive_seconds`, `alive_from`, `alive_until`), used where that record is newer than the last
     end (else it is an older run's). Start-ups count: a kill can land in one too. Wall-clock times
     that cannot be right (not finite, negative, in the future) are not read, and the total is never
-    more than the time since the first time that can be (how long the run directory has existed)."""
+    more than the time since the first time that can be (how long the run directory has existed);
+    an end at such a time is not counted as an interruption."""
     now = time.time() if now is None else now
     alive, count, start, last, ended, first = 0.0, 0, None, None, None, None
 
@@ -102,8 +103,8 @@ def _alive(rows: list[dict], now: Optional[float] = None) -> tuple[float, int]:
     for row in rows:
         event, t = row.get("event"), _time(row.get("time"), now)
         first = _earlier(first, t)
-        if event in COUNTED and row.get("signal") != "time limit":
-            count += 1
+        if event in COUNTED and row.get("signal") != "time limit" and t is not None:
+            count += 1  # an end whose time cannot be right is not counted either: it says nothing of when
         measured = _duration(row.get("alive_seconds"))
         if event == "killed":
             until = _time(row.get("alive_until"), now)

@@ -7,19 +7,22 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 
 class RunLogFile(logging.FileHandler):
     """A FileHandler that says one line when its file stops taking records, and one when it takes
     them again."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, owns: Callable[[], bool] = lambda: True):
         super().__init__(path)
         self.failing = False
         self._failed_now = False
+        self._owns = owns
 
     def emit(self, record: logging.LogRecord) -> None:
+        if not self._owns():
+            return  # the run directory is another run's now: nothing more is written there
         self._failed_now = False
         super().emit(record)  # calls handleError on a failed write
         if self.failing and not self._failed_now:
@@ -50,10 +53,12 @@ class RunLogFile(logging.FileHandler):
         self._failed(sys.exc_info()[1])
 
 
-def open_log(path: Path, formatter: Optional[logging.Formatter]) -> Optional[RunLogFile]:
-    """The handler, or None with one line on stderr if the file cannot be opened."""
+def open_log(path: Path, formatter: Optional[logging.Formatter],
+             owns: Callable[[], bool] = lambda: True) -> Optional[RunLogFile]:
+    """The handler, or None with one line on stderr if the file cannot be opened. `owns`: whether
+    the run still owns its directory (records are written only while it does)."""
     try:
-        handler = RunLogFile(path)
+        handler = RunLogFile(path, owns)
     except OSError as e:
         _say(f"preemptible: the log file {path} cannot be opened ({e.strerror or e}); training goes on without it")
         return None

@@ -307,8 +307,18 @@ class Holder:
     after its job ended (the lease released) or was replaced (another run's token) is told no, and
     writes nothing more there. `lease`: rank 0's own lease, whose renewals notice a takeover too."""
 
+    RECENT = 1.0  # seconds recent() trusts its last answer (it is asked for every metrics row and log record)
+
     def __init__(self, directory: str | os.PathLike, token: Optional[str], lease: Optional[RunLease] = None):
         self.path, self.token, self.lease = Path(directory) / LEASE, token, lease
+        self._answer, self._asked = True, -float("inf")
+
+    def recent(self) -> bool:
+        """__call__()'s answer, read again at most once a second; once no, always no."""
+        now = time.monotonic()
+        if self._answer and now - self._asked >= self.RECENT:
+            self._answer, self._asked = self(), now
+        return self._answer
 
     def __call__(self) -> bool:
         if self.token is None:

@@ -157,7 +157,7 @@ class Run(Resuming, Saving, Ending):
         self._ender: Optional[Ender] = None      # ends the rank on a hang or a lost peer
         self._watcher: Optional[Watcher] = None
         self._holding = False  # this run began holding its signals (for the lease's wait)
-        self._owns: Any = lambda: True  # whether the run still owns its directory (a Holder, once entered)
+        self._owns: Any = None  # whether the run still owns its directory (a Holder, once entered)
 
     # -- entering: own, install, resume ---------------------------------------------------------
 
@@ -192,7 +192,7 @@ class Run(Resuming, Saving, Ending):
             self.metrics = Metrics(str(self.dir), enabled=self.rank == 0, max_steps=self.max_steps or 0,
                                    log_every=self.report.log_every)
             self.metrics.since = process_start_time()
-            self.metrics.owns = self._owns
+            self.metrics.owns = self._owns.recent
             self._dcp = self._state_for_dcp()
             self._watch()
             self._check = self._stop_check()
@@ -274,7 +274,8 @@ class Run(Resuming, Saving, Ending):
         barrier()  # the directory exists for every rank
         if self.report.log_file:
             root = logging.getLogger()
-            self._log_handler = open_log(self.dir / self.report.log_file, root.handlers[0].formatter if root.handlers else None)
+            self._log_handler = open_log(self.dir / self.report.log_file, root.handlers[0].formatter if root.handlers else None,
+                                         owns=self._owns.recent)
             if self._log_handler is not None:
                 root.addHandler(self._log_handler)
 
