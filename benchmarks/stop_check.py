@@ -42,7 +42,7 @@ MODEL = ["model.n_layer=6", "model.n_head=4", "model.n_embd=64", "model.block_si
 
 def command(run_dir: Path, world: int, steps: int, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-            str(REPO / "recipes" / "finetune.py"), f"hydra.run.dir={run_dir}", f"trainer.max_steps={steps}",
+            str(REPO / "recipes" / "finetune.py"), f"run_dir={run_dir}", f"trainer.max_steps={steps}",
             *MODEL, *extra]
 
 
@@ -154,10 +154,16 @@ def latency(worlds: list[int], repeats: int, root: Path) -> None:
     for world in worlds:
         for rep in range(repeats):
             run_dir = root / f"lat-w{world}-{rep}"
-            proc = subprocess.Popen(command(run_dir, world, 100000, ["report.log_every=1"]), cwd=REPO,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            log = root / f"lat-w{world}-{rep}.log"
+            with open(log, "w") as out:
+                proc = subprocess.Popen(command(run_dir, world, 100000, ["report.log_every=1"]), cwd=REPO,
+                                        stdout=out, stderr=subprocess.STDOUT)
             wait_steps = rng.randint(30, 80)
+            deadline = time.monotonic() + 300
             while not any(r.get("step", 0) >= wait_steps for r in rows(run_dir) if "event" not in r):
+                if proc.poll() is not None or time.monotonic() > deadline:  # never wait on a run that ended
+                    proc.kill()
+                    raise SystemExit(f"the run ended ({proc.poll()}) before step {wait_steps}:\n{log.read_text()[-3000:]}")
                 time.sleep(0.01)
             time.sleep(rng.random() * 0.05)
             worker = _worker_of_rank(proc.pid, world - 1)

@@ -74,6 +74,11 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows(run_dir) if "event" not in r}
 
 
+def lrs(run_dir):
+    """step -> the learning rate logged at that step (the later line of a repeated step counts)."""
+    return {r["step"]: r["lr"] for r in rows(run_dir) if "event" not in r and "lr" in r}
+
+
 def events(run_dir, name=None):
     return [r for r in rows(run_dir) if "event" in r and (name is None or r["event"] == name)]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from distributed_helpers import free_port
 from preemptible.checkpoint.layout import why_invalid
 from conftest import REFERENCE_STEPS
-from recipe_helpers import events, exit_codes, head, interrupt_at, losses, run, start, wait_for_step, worker_pids_by_rank
+from recipe_helpers import events, exit_codes, head, interrupt_at, losses, lrs, run, start, wait_for_step, worker_pids_by_rank
 
 pytestmark = pytest.mark.slow
 STEPS = REFERENCE_STEPS  # the shared uninterrupted runs (conftest.py: `reference`)
@@ -24,6 +24,7 @@ def assert_same_run(resumed, reference):
     done, ref = events(resumed, "done"), events(reference, "done")
     assert done and done[-1]["params_sha256"] == ref[-1]["params_sha256"]
     assert losses(resumed) == losses(reference)  # every step, exact floats
+    assert lrs(resumed) == lrs(reference) and len(lrs(reference)) == STEPS  # the LR too, at every step
     assert sorted(losses(resumed)) == list(range(1, STEPS + 1))
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import REFERENCE_STEPS
-from recipe_helpers import children, events, losses, start, wait_for_step
+from recipe_helpers import children, events, losses, lrs, start, wait_for_step
 
 pytestmark = pytest.mark.slow
 STEPS = REFERENCE_STEPS
@@ -58,5 +58,5 @@ def test_a_process_or_a_whole_torchrun_job_stopped_past_the_timeout_carries_on(t
     assert len(seen) == nproc and all(float(line.split("stopped for ")[1].split("s")[0]) >= 7 for line in seen), out
     done, ref = events(tmp_path, "done"), events(reference[nproc], "done")
     assert done[-1]["params_sha256"] == ref[-1]["params_sha256"]
-    assert losses(tmp_path) == losses(reference[nproc])
+    assert losses(tmp_path) == losses(reference[nproc]) and lrs(tmp_path) == lrs(reference[nproc])
     assert len(events(tmp_path, "resumed")) == 0  # one process from start to end: nothing was restarted

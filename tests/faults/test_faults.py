@@ -212,8 +212,10 @@ BAD_INPUT = [
     ("ownership.stale_after=0", ["ownership.stale_after=0"], {}, FRESH),
     ("checkpoint.interval=sometimes", ["checkpoint.interval='sometimes'; expected an int >= 0"], {}, FRESH),
     ("checkpoint.interrupt_every=0", ["checkpoint.interrupt_every=0; expected seconds > 0"], {}, FRESH),
-    ("watchdog.timeout=0", ["watchdog.timeout=0; expected seconds > 0 (or 'auto')"], {}, FRESH),
+    ("watchdog.timeout=0", ["watchdog.timeout=0; expected seconds > 0 and <= 1e+06 (or 'auto')"], {}, FRESH),
     ("watchdog.timeout=soon", ["watchdog.timeout='soon'"], {}, FRESH),
+    ("watchdog.timeout=1e15", ["watchdog.timeout=1000000000000000.0; expected seconds > 0 and <= 1e+06"], {}, FRESH),
+    ("report.log_file=OWNER", ["report.log_file='OWNER' is a name the run directory uses itself"], {}, FRESH),
     ("watchdog.factor=0.5", ["watchdog.factor=0.5"], {}, FRESH),
     ("report.log_every=1", ["LOCAL_RANK='zero'"], {"LOCAL_RANK": "zero"}, FRESH),  # garbage from the launcher
     # on a finished run: refused in one line, and nothing of it deleted

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from recipe_helpers import REPO, TINY, events, losses, run, wait_for_step
+from recipe_helpers import REPO, TINY, events, losses, lrs, run, wait_for_step
 
 pytestmark = pytest.mark.slow
 SBATCH = REPO / "examples" / "slurm" / "finetune.sbatch"
@@ -53,7 +53,7 @@ def assert_resumed_equal(run_dir, reference, restarts):
     done = events(run_dir, "done")
     assert done, job_log(run_dir)
     assert done[-1]["params_sha256"] == events(reference, "done")[-1]["params_sha256"]
-    assert losses(run_dir) == losses(reference)
+    assert losses(run_dir) == losses(reference) and lrs(run_dir) == lrs(reference)
     assert len(events(run_dir, "resumed")) >= restarts
 
 

@@ -74,3 +74,25 @@ def test_an_unclean_end_is_found_from_the_tail_of_a_long_file(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"event": "done", "step": 5000, "time": 7000.0}) + "\n")
     assert unclean_end(tmp_path) is None
+
+
+def test_step_done_takes_any_metric_a_loop_passes(tmp_path):
+    """lr= from a loop that keeps its LR by hand (no optimizer to read it from) is logged as the
+    row's lr (it was a TypeError inside the library); the names a row uses itself are one line."""
+    import torch
+
+    from preemptible import ConfigError, Run, Stopping
+
+    run = Run(tmp_path, model=torch.nn.Linear(1, 1), data=range(10), max_steps=3, stopping=Stopping(signals=None))
+    with run:
+        for i in run.batches():
+            run.step_done(loss=torch.tensor(1.0), lr=0.5 / (i + 1), accuracy=0.25)
+    steps = [r for r in read_metrics(tmp_path) if "event" not in r]
+    assert [(r["lr"], r["accuracy"]) for r in steps] == [(0.5, 0.25), (0.25, 0.25), (0.5 / 3, 0.25)]
+    for name in ("step", "time", "event"):
+        again = Run(tmp_path / name, model=torch.nn.Linear(1, 1), data=range(10), max_steps=3,
+                    stopping=Stopping(signals=None))
+        with pytest.raises(ConfigError, match=f"step_done\\({name}=...\\): step, time, event are names"):
+            with again:
+                for _ in again.batches():
+                    again.step_done(**{name: 1})

@@ -17,6 +17,7 @@ log = logging.getLogger("preemptible.train")
 from preemptible.names import METRICS, PROGRESS  # noqa: F401  (PROGRESS: rewritten every step, no fsync: a kill keeps it)
 PROGRESS_WIDTH = 127  # PROGRESS is rewritten in place: every record padded to one width
 ENDS = ("done", "preempted", "failed", "killed", "hung")  # events that close a run's segment of metrics.jsonl
+ROW_KEYS = ("step", "time", "event")  # what a row of metrics.jsonl says itself: no metric may take these names
 BACKLOG = 10_000  # rows kept while metrics.jsonl cannot be written (a full disk), written once it can
 
 
@@ -153,6 +154,16 @@ class Metrics:
             if outcome:
                 self._bar.set_description(f"train: {outcome}")
             self._bar.close()
+
+
+def check_metric_names(metrics: dict) -> None:
+    """ConfigError for a metric named as a row's own field (step, time, event)."""
+    taken = [k for k in metrics if k in ROW_KEYS]
+    if taken:
+        from preemptible.errors import ConfigError
+
+        raise ConfigError(f"step_done({taken[0]}=...): {', '.join(ROW_KEYS)} are names every metrics row uses "
+                          "itself; pass the metric under another name")
 
 
 def append_rows(path: str, rows: list[dict], check_tail: bool = True) -> None:

@@ -50,7 +50,7 @@ from preemptible.errors import ConfigError, described, in_part
 from preemptible.names import CHECKPOINTS
 from preemptible.observe.lifecycle import LIFECYCLE, attach as show_lifecycle
 from preemptible.observe.logfile import open_log
-from preemptible.observe.metrics import METRICS, PROGRESS, Metrics, append_event, process_start_time, read_progress, unclean_end
+from preemptible.observe.metrics import METRICS, PROGRESS, Metrics, append_event, check_metric_names, process_start_time, read_progress, unclean_end
 from preemptible.observe.report import Report
 from preemptible.observe.trackers import TrackerFeed
 from preemptible.ownership.lease import Holder, Ownership, RunLease, WaitInterrupted
@@ -386,14 +386,16 @@ class Run(Resuming, Saving, Ending):
         self._require_entered("step_done")
         if self.stopping:
             raise RuntimeError("step_done() after the run agreed to stop; leave the loop (batches() has ended)")
+        check_metric_names(metrics)
         self.step += 1
         heartbeat.beat(AFTER_STEP, self.step)
         if self._watcher is not None:
             self._watcher.arm()
         self.feed.check_ahead()
         self.feed.mark_boundary()
-        if loss is not None or metrics or self._lr is not None:
-            self.metrics.step(self.step, loss, self._lr, **metrics)
+        lr = metrics.pop("lr", self._lr)  # a loop that keeps its LR by hand passes it (else: the optimizer's)
+        if loss is not None or metrics or lr is not None:
+            self.metrics.step(self.step, loss, lr, **metrics)
         self.deadline.step_done()
         if self.handler is not None and self.deadline.end is not None and self.deadline.expired(self._save_seconds()):
             self.handler.request_stop()  # the time limit is near: voted like a signal
