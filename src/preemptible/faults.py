@@ -4,7 +4,8 @@ PREEMPTIBLE_FAULTS is a JSON list of {"at": POINT, "sleep": SECONDS, "rank": R, 
 "progress": BOOL} ("rank"/"step"/"progress" optional). Points: "step" (after a step, before the
 stop check), "load" (before a checkpoint is read), "save" (inside a save: files written, not yet
 committed), "final_save" (before the save at a stop or the end), "write" (as each checkpoint file
-is opened: a slow disk). Sleeping is enough to make a rank hang, or to hold a window open for a
+is opened: a slow disk), "chunk" (after each 8 MiB a checkpoint file writes, before the writer's
+own progress beat: a slow disk that the writer's real progress shows). Sleeping is enough to make a rank hang, or to hold a window open for a
 signal or a SIGKILL to land in; with "progress" the sleep records progress every 0.1 s, as a
 save that is writing does (signal escalation then waits for it).
 """

@@ -20,6 +20,12 @@ def _stop(proc, timeout=60):
     return proc.returncode, out
 
 
+def assert_every_worker_exits(log, status):
+    """Each rank's own last line: the status the README promises (torchrun's own exit is its own)."""
+    for rank in (0, 1):
+        assert f"[rank {rank}][preemptible][INFO] - exiting with status {status}" in log, log[-3000:]
+
+
 def test_sigterm_to_the_torchrun_agent(tmp_path):
     """torchrun forwards TERM to its workers, then SIGKILLs after --shutdown-timeout: save inside it."""
     proc = start(tmp_path, STEPS, nproc=2)
@@ -31,6 +37,7 @@ def test_sigterm_to_the_torchrun_agent(tmp_path):
     stop = events(tmp_path, "preempted")[0]
     assert stop["signal"] == "SIGTERM" and stop["checkpoint"], log
     assert set(stop["ranks"]) == {"0", "1"}
+    assert_every_worker_exits(log, 143)
     code, log = run(tmp_path, STEPS, nproc=2)
     assert code == 0 and events(tmp_path, "resumed")[0]["step"] == stop["step"], log
 
@@ -44,6 +51,7 @@ def test_usr2_through_torchrun_signals_to_handle(tmp_path):
     stop = events(tmp_path, "preempted")
     assert stop and stop[0]["signal"] == "SIGUSR2", log
     assert set(stop[0]["ranks"]) == {"0", "1"} and why_invalid(Path(stop[0]["checkpoint"]), verify=True) is None, log
+    assert_every_worker_exits(log, 140)
 
 
 def test_kubernetes_style_term_to_every_process_at_once(tmp_path):
@@ -58,6 +66,7 @@ def test_kubernetes_style_term_to_every_process_at_once(tmp_path):
     assert "received again" not in log, log
     stop = events(tmp_path, "preempted")[0]
     assert set(stop["ranks"]) == {"0", "1"} and why_invalid(Path(stop["checkpoint"]), verify=True) is None, log
+    assert_every_worker_exits(log, 143)
 
 
 def test_grace_period_too_short_for_a_save_that_a_requeue_must_follow_skips_it_and_says_so(tmp_path):

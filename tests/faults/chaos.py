@@ -71,6 +71,7 @@ def chaos(workdir: Path, interruptions: int, seed: int, steps: int = 150, log=pr
     # Every save sleeps 0.3 s between writing its files and committing: a window for faults to land in.
     save_window = {"PREEMPTIBLE_FAULTS": json.dumps([{"at": "save", "sleep": 0.3}])}
     history = []
+    refused = 0  # second runs refused while the first one was held alive
     while True:
         resume_expected = newest_valid_step(target) if target.exists() else 0
         started_events = len(events(target, "resumed")) if target.exists() else 0
@@ -96,16 +97,15 @@ def chaos(workdir: Path, interruptions: int, seed: int, steps: int = 150, log=pr
                     break
                 time.sleep(0.005)
             at_step = _last_step(target)
-            if kind == "second_run":  # the same command started again meanwhile: refused, nothing touched
+            if kind == "second_run" and proc.poll() is None:  # the same command again meanwhile: refused
                 for pid in workers.values():  # held still, so it cannot finish while the second one starts
                     _send(pid, signal.SIGSTOP)
                 code, second = run(target, *common, "ownership.wait=0", nproc=nproc, launcher_args=launcher)
                 for pid in workers.values():
                     _send(pid, signal.SIGCONT)
-                assert proc.poll() is not None or (code != 0 and "in use by another run" in second), second
-                kind_sent = "term_launcher"
-            else:
-                kind_sent = kind
+                assert code != 0 and "in use by another run" in second, second  # the first run was held alive
+                refused += 1
+            kind_sent = "term_launcher" if kind == "second_run" else kind
             if kind_sent in ("kill_all", "kill_in_save"):
                 _kill_tree(proc, workers)
             elif kind_sent == "term_launcher":
@@ -143,7 +143,7 @@ def chaos(workdir: Path, interruptions: int, seed: int, steps: int = 150, log=pr
     assert done["params_sha256"] == ref["params_sha256"], (done, ref)
     assert losses(target) == losses(reference)
     kinds = {k: sum(h["kind"] == k for h in history) for k in KINDS}
-    return {"interruptions": len(history), "kinds": kinds, "params_sha256": done["params_sha256"],
+    return {"interruptions": len(history), "kinds": kinds, "refused": refused, "params_sha256": done["params_sha256"],
             "restarts": len(events(target, "resumed"))}
 
 

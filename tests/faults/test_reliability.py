@@ -83,6 +83,33 @@ def test_a_repeated_signal_never_kills_a_save_that_makes_progress(tmp_path):
     assert "received again" not in out and not list((tmp_path / "checkpoints").glob("*.partial"))
 
 
+BIG = ("model.n_layer=4", "model.n_embd=384", "model.n_head=4")  # ~90 MiB with AdamW: about 11 chunks of 8 MiB
+
+
+@pytest.mark.parametrize("chunk_seconds, cut", [(0.5, False), (3.0, True)])
+def test_the_writers_own_progress_keeps_a_repeated_signal_from_cutting_a_save(tmp_path, chunk_seconds, cut):
+    """The same, with the writer's own progress: each 8 MiB it writes takes `chunk_seconds` (a slow
+    disk; the writer beats after each, as always). 0.5 s between beats: the second TERM never cuts
+    the save (exit 143, committed). 3 s without a beat: the escalation fires (the control: the
+    test can fail), and nothing half-written is ever committed."""
+    slow_disk = json.dumps([{"at": "chunk", "sleep": chunk_seconds}])
+    proc = start(tmp_path, "trainer.max_steps=400", *BIG, env={"PREEMPTIBLE_FAULTS": slow_disk})
+    wait_for_step(tmp_path, 5, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(1.5)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert not list((tmp_path / "checkpoints").glob("step_*[0-9]")) or all(
+        why_invalid(p, verify=True) is None for p in (tmp_path / "checkpoints").glob("step_*[0-9]"))
+    if cut:
+        assert proc.returncode == -signal.SIGTERM and "received again" in out, out[-3000:]
+        return
+    assert proc.returncode == 143, out[-3000:]
+    stop = events(tmp_path, "preempted")[-1]
+    assert stop["save_seconds"] > 2.0, stop  # the second TERM came while it was writing
+    assert why_invalid(Path(stop["checkpoint"]), verify=True) is None and "received again" not in out
+
+
 def test_every_torchrun_worker_reports_the_stop_status(tmp_path):
     """The recipe and a user's loop in the documented order, 3 ranks, a signal to one: all say 143.
     (The mechanism -- late signals ignored before a barrier -- is deterministic; before it, 3 of 8
@@ -137,6 +164,9 @@ def test_a_requeued_run_waits_for_the_old_one_to_save_then_resumes_it(tmp_path):
     stop = events(tmp_path, "preempted")[0]
     assert events(tmp_path, "resumed")[-1]["step"] == stop["step"], out
     assert "waiting up to 60s" in out
+    assert new.returncode == 124, out  # the new run's own end: its max_time, with a checkpoint
+    mine = events(tmp_path, "preempted")[-1]
+    assert mine["signal"] == "time limit" and mine["step"] > stop["step"] and mine["checkpoint"], out
 
 
 def test_a_killed_run_never_blocks_the_next(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from recipe_helpers import REPO, TINY, events, losses, lrs, run, wait_for_step
+from slurm_cluster import DONE
 
 pytestmark = pytest.mark.slow
 SBATCH = REPO / "examples" / "slurm" / "finetune.sbatch"
@@ -77,6 +78,7 @@ def test_usr2_checkpoint_requeue_resume_then_a_notice_requeues_alike(cluster, tm
     assert preempted[1]["signal"] == "notice (stop_file)" and preempted[1]["ranks"] == {"0": "notice (stop_file)"}
     log = job_log(tmp_path)
     assert "forwarding to the tasks" in log and "restart 1" in log and "restart 2" in log
+    assert "tasks exited with status 140" in log  # USR2: 128 + 12, as the README's table says
     assert "tasks exited with status 75" in log and not (tmp_path / "STOP").exists()
     assert_resumed_equal(tmp_path, reference, restarts=2)
 
@@ -90,7 +92,10 @@ def test_partition_preemption(cluster, tmp_path, reference):
     cluster.wait(high, {"COMPLETED"}, timeout=120)
     info = cluster.wait(jid, {"COMPLETED"}, timeout=180)
     assert int(info["Restarts"]) >= 1
-    assert events(tmp_path, "preempted")[0]["signal"] in ("SIGUSR2", "SIGTERM")
+    # preempt_send_user_signal: SLURM sends the job's --signal (USR2, to the batch shell, which forwards
+    # it) first, TERM only after GraceTime; the stop must come from the USR2
+    assert events(tmp_path, "preempted")[0]["signal"] == "SIGUSR2", job_log(tmp_path)
+    assert "tasks exited with status 140" in job_log(tmp_path)
     assert_resumed_equal(tmp_path, reference, restarts=1)
 
 
@@ -163,6 +168,24 @@ def test_time_limit_signal(cluster, tmp_path):
     assert events(tmp_path, "done") and len(events(tmp_path, "resumed")) >= 1
     assert sorted(losses(tmp_path)) == list(range(1, steps + 1))
     assert time.monotonic() - started < 400
+
+
+def test_the_jobs_end_time_stops_the_run_with_124(cluster, tmp_path):
+    """--time=1 and no signal from SLURM: the run reads the job's end time itself and stops while a
+    step, a save and the 5 s margin still fit, with a committed checkpoint and status 124, before
+    SLURM's own kill (the job ends FAILED with 124, not TIMEOUT)."""
+    # The sbatch file asks USR2 180 s before the end (that would come at once): ask a signal its batch
+    # shell ignores instead (URG), so the job's end time is the only warning.
+    jid = submit(cluster, tmp_path, "--no-requeue", "--time=1", "--signal=B:URG@1",
+                 overrides=["trainer.max_steps=100000"],
+                 env={"PREEMPTIBLE_FAULTS": '[{"at": "step", "sleep": 0.05}]'})
+    info = cluster.wait(jid, DONE, timeout=180)
+    log = job_log(tmp_path)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "124:0", (info, log)
+    assert "tasks exited with status 124" in log, log
+    preempted = events(tmp_path, "preempted")
+    assert preempted and preempted[0]["signal"] == "time limit" and preempted[0]["checkpoint"], log
+    assert (Path(preempted[0]["checkpoint"]) / "COMMITTED").exists()
 
 
 def _in_job(cluster, tmp_path, code: str, *args) -> str:

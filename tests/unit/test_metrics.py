@@ -21,13 +21,15 @@ def test_a_reader_during_writes_sees_only_whole_rows(tmp_path):
     test read '{"step": 25, "loss": 4.55' mid-write and json.loads raised)."""
     proc = multiprocessing.get_context("spawn").Process(target=_writer, args=(str(tmp_path), 3000))
     proc.start()
-    reads = 0
+    reads = during = 0
     while proc.is_alive() or reads == 0:
         rows = read_metrics(tmp_path, strict=True)
         assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
         reads += 1
+        during += 0 < len(rows) < 3000  # read while the writer was part way
     proc.join()
     assert proc.exitcode == 0
+    assert during >= 10, during  # the reads did overlap the writes (else the test proves nothing)
     assert [r["step"] for r in read_metrics(tmp_path, strict=True)] == list(range(1, 3001))
 
 

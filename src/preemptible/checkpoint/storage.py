@@ -87,6 +87,7 @@ class _ChecksumStream:
                 self._f.flush()  # the bytes must be in the page cache before writeback can see them
                 self._pool.submit(self._kick, self._fd, self._kicked, self._written - self._kicked)
                 self._kicked = self._written
+                faults.inject("chunk")  # the fault suite's slow disk: each 8 MiB takes this long
                 heartbeat.beat()  # a save making progress is not a stuck rank (signal escalation)
         return len(view)
 
