@@ -233,3 +233,19 @@ def test_a_stop_signal_while_waiting_for_the_owner_ends_the_wait_with_one_line(t
     finally:
         owner.kill()
         owner.wait()
+
+
+def test_the_holder_tells_a_released_or_taken_lease_and_cannot_tell_an_unseen_one(tmp_path):
+    """Holder (every rank's "does this run still own its directory"): yes while the token is the
+    lease's; no once it is released or another run's; yes where the lease was never visible (a
+    run directory not shared with rank 0's machine: nothing to compare with)."""
+    from preemptible.ownership.lease import Holder
+
+    lease = RunLease(tmp_path, wait=0, stale_after=3.0).acquire()
+    holder, elsewhere = Holder(tmp_path, lease.token), Holder(tmp_path / "not-shared", lease.token)
+    assert holder() and holder.recent() and elsewhere()
+    lease.release()
+    assert not holder() and elsewhere()
+    successor = RunLease(tmp_path, wait=0, stale_after=3.0).acquire()
+    assert not holder() and Holder(tmp_path, successor.token)()
+    successor.release()

@@ -312,6 +312,9 @@ class Holder:
     def __init__(self, directory: str | os.PathLike, token: Optional[str], lease: Optional[RunLease] = None):
         self.path, self.token, self.lease = Path(directory) / LEASE, token, lease
         self._answer, self._asked = True, -float("inf")
+        # Made after rank 0 took the lease: a rank that cannot see it (a run directory that is not
+        # shared with rank 0's machine) cannot tell, and answers yes as if there were no lease.
+        self._seen = token is not None and self.path.exists()
 
     def recent(self) -> bool:
         """__call__()'s answer, read again at most once a second; once no, always no."""
@@ -321,8 +324,8 @@ class Holder:
         return self._answer
 
     def __call__(self) -> bool:
-        if self.token is None:
-            return True  # no lease taken (nothing to compare with)
+        if not self._seen:
+            return True  # no lease taken, or not visible from here: nothing to compare with
         if self.lease is not None and self.lease.lost is not None:
             return False
         try:
