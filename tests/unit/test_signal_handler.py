@@ -207,6 +207,34 @@ def test_get_device_backends(monkeypatch):
     assert sh._collective_device(1) == torch.device("cpu")
 
 
+def test_automodels_own_mocks_are_answered_as_automodel_answers_them(monkeypatch):
+    """Tests written against NeMo Automodel's module mock torch.distributed with its own call shapes:
+    get_backend() alone says the backend (is_initialized not patched), get_world_size() and
+    get_backend() take no positional group, and the flag is the attribute `_signal_received`."""
+    calls = []
+    monkeypatch.setattr(sh.dist, "get_backend", lambda: calls.append("get_backend") or "nccl")
+    assert get_device(2) == torch.device("cuda:2") and calls == ["get_backend"]
+    monkeypatch.setattr(sh.dist, "get_backend", lambda: "mpi")
+    with pytest.raises(RuntimeError, match="'mpi'"):
+        get_device()
+    monkeypatch.setattr(sh.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(sh.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(sh.dist, "get_world_size", lambda: 3)  # no group argument at all
+
+    def all_gather(out, tensor, group=None, async_op=False):
+        for o in out:
+            o.copy_(tensor)
+
+    monkeypatch.setattr(sh.dist, "all_gather", all_gather)
+    assert all_gather_item(True, torch.int32) == [True, True, True]
+    handler = DistributedSignalHandler(signal.SIGUSR1)
+    assert handler._signal_received is False
+    handler._signal_received = True
+    assert handler.signals_received() == [True, True, True] and handler.received[0][0] == signal.SIGUSR1
+    handler._signal_received = False
+    assert handler.signals_received() == [False, False, False]
+
+
 PROGRESS = textwrap.dedent("""
     import os, signal, threading, time
     from preemptible import DistributedSignalHandler, heartbeat

@@ -37,9 +37,14 @@ def get_device(local_rank: Optional[int] = None, *, group: Optional["dist.Proces
     other backend (a multi-device string such as 'cpu:gloo,cuda:nccl' included), naming it. `cpu`
     when torch.distributed is not initialized (extension: nothing is communicated then).
     """
-    if not _dist_ready():
+    if not dist.is_available():
         return torch.device("cpu")
-    backend = str(dist.get_backend(group))
+    try:  # as Automodel does: the backend says, even where only get_backend() says so
+        backend = str(dist.get_backend() if group is None else dist.get_backend(group))
+    except (ValueError, RuntimeError):
+        if _dist_ready():
+            raise
+        return torch.device("cpu")  # not initialized: nothing is communicated
     if backend == "nccl":
         return torch.device("cuda") if local_rank is None else torch.device(f"cuda:{local_rank}")
     if backend == "gloo":
@@ -52,7 +57,7 @@ def _collective_device(local_rank: Optional[int] = None, group: Any = None) -> t
     reduce them (gloo, or a multi-device backend with a gloo part), else the NCCL device."""
     if not _dist_ready():
         return torch.device("cpu")
-    return _backend_device(str(dist.get_backend(group)), local_rank)
+    return _backend_device(str(dist.get_backend() if group is None else dist.get_backend(group)), local_rank)
 
 
 def _to_python(value: Any, like: Any) -> Any:
@@ -114,7 +119,8 @@ def all_gather_item(
         return GatherFuture(None, [torch.tensor([item], dtype=dtype)], item) if async_op else [item]
     device = _collective_device(local_rank, group)
     mine = torch.tensor([item], dtype=dtype, device=device)
-    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    size = dist.get_world_size() if group is None else dist.get_world_size(group)  # no positional None
+    out = [torch.empty_like(mine) for _ in range(size)]
     work = dist.all_gather(out, mine, group=group, async_op=async_op)
     future = GatherFuture(work if async_op else None, out, item)
     return future if async_op else future.wait()

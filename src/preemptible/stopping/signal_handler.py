@@ -340,6 +340,18 @@ class DistributedSignalHandler:
         """Vote to stop as if a signal had arrived (the job's time limit is near): agreed the same way."""
         self._requested = self._requested or code
 
+    @property
+    def _signal_received(self) -> bool:
+        """NeMo Automodel's name for this rank's flag: True once one of the signals arrived."""
+        return bool(self.received)
+
+    @_signal_received.setter
+    def _signal_received(self, value: bool) -> None:
+        if value and not self.received:
+            self.received.append((self.signals[0], time.time()))
+        elif not value:
+            self.received.clear()
+
     def signals_received(self) -> list[bool]:
         """Check if any rank in the group received the signal (one all_gather; documented API)."""
         self._boundary()
