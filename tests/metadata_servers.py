@@ -45,6 +45,8 @@ class MetadataServer:
         self.other_vm = False     # azure: the Preempt event names another VM
         self.tokens: dict[str, float] = {}  # aws: token -> expiry
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
+        self.sent: list[dict[str, str]] = []  # each request's headers, in the order of `requests`
+        self.issued: list[str] = []  # aws: every token handed out
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,6 +55,7 @@ class MetadataServer:
 
             def _answer(self, status: int, body: bytes = b"", headers: Optional[dict] = None) -> None:
                 server.requests.append((self.command, self.path, status))
+                server.sent.append(dict(self.headers.items()))
                 self.send_response(status)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -122,6 +125,7 @@ class MetadataServer:
             if not ttl or not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
                 return h._answer(400, b"missing or invalid X-aws-ec2-metadata-token-ttl-seconds")
             token = secrets.token_urlsafe(16)
+            self.issued.append(token)
             self.tokens[token] = time.time() + min(int(ttl), self.token_ttl_cap or int(ttl))
             return h._answer(200, token.encode(), {"X-aws-ec2-metadata-token-ttl-seconds": ttl})
         if not h.path.startswith("/latest/meta-data/"):

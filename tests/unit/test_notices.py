@@ -50,18 +50,26 @@ def test_aws_imdsv2_token_flow_then_the_notice():
         assert 118 < notice.lead_seconds <= 120.5
 
 
-def test_aws_refuses_requests_without_the_token():
-    """The server really enforces IMDSv2: a GET without a token is 401 (so the client's 200s mean it
-    sent one), a token request without its TTL header is 400."""
-    import urllib.request
-    import urllib.error
-
+def test_aws_asks_with_the_token_it_was_given():
+    """The client's side of IMDSv2, read from what it sent: the token request carries its TTL header,
+    and every metadata GET carries the token the service issued last (a new one after the old one
+    expired), never another."""
     with MetadataServer("aws") as server:
-        for req in (urllib.request.Request(f"{server.url}/latest/meta-data/spot/instance-action"),
-                    urllib.request.Request(f"{server.url}/latest/api/token", method="PUT", data=b"")):
-            with pytest.raises(urllib.error.HTTPError) as e:
-                urllib.request.urlopen(req, timeout=2)
-            assert e.value.code in (400, 401)
+        src = AwsSpot(server.url, timeout=2)
+        src.poll()
+        server.expire_tokens()
+        src.poll()
+        server.notify()
+        assert src.poll() is not None
+    issued = iter(server.issued)
+    current = None
+    for (method, path, _), headers in zip(server.requests, server.sent):
+        if method == "PUT":
+            assert path == "/latest/api/token" and int(headers["X-aws-ec2-metadata-token-ttl-seconds"]) > 0
+            current = next(issued)
+        else:
+            assert headers.get("X-aws-ec2-metadata-token") == current, (path, headers)
+    assert len(server.issued) == 2 and current == server.issued[-1]
 
 
 def test_gcp_needs_its_header_and_says_true():
