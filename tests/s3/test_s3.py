@@ -89,7 +89,11 @@ def test_sigkill_during_an_upload_never_leaves_a_loadable_torn_checkpoint(tmp_pa
 
 
 def test_missing_truncated_and_flipped_objects_are_each_skipped_with_a_reason(tmp_path, s3):
-    code, out = run(tmp_path / "a", "trainer.max_steps=20", "checkpoint.interval=5", "checkpoint.keep=5", _dir("c"))
+    # Steps of 0.2 s: each checkpoint's upload ends before the next one is committed (the uploader
+    # skips a pending older one for a newer one, so millisecond steps on a busy machine left step 15 out).
+    spaced = {"PREEMPTIBLE_FAULTS": json.dumps([{"at": "step", "sleep": 0.2}])}
+    code, out = run(tmp_path / "a", "trainer.max_steps=20", "checkpoint.interval=5", "checkpoint.keep=5", _dir("c"),
+                    env=spaced)
     assert code == 0, out[-3000:]
     assert _committed(s3, "c") == [f"step_000000{s:02d}" for s in (5, 10, 15, 20)]
     marker = json.loads(s3.get("c/step_00000020/COMMITTED"))
