@@ -128,11 +128,11 @@ class Metrics:
     def _reached(self, step: int, now: float) -> None:
         """The step reached, in PROGRESS: one pwrite in place, so a kill between flushes still
         leaves the step it happened at (the page cache survives the process)."""
+        if self._disowned:
+            return
         try:
             if self._progress_fd is None:
                 self._progress_fd = os.open(self.progress_path, os.O_WRONLY | os.O_CREAT, 0o644)
-            if self._disowned:
-                return
             record = {"step": step, "time": round(now, 3), "since": self.since, "up": uptime()}
             os.pwrite(self._progress_fd, (json.dumps(record).ljust(PROGRESS_WIDTH) + "\n").encode(), 0)
         except OSError:
@@ -201,21 +201,30 @@ def stamped(row: dict) -> dict:
     return {**row, "time": time.time()}
 
 
-def _start_ticks() -> Optional[int]:
-    try:
-        with open("/proc/self/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, ticks since boot
-    except (OSError, ValueError, IndexError):
-        return None
+_started: tuple[int, Optional[float]] = (-1, None)  # (pid, its start on the boot clock): read once per process
+
+
+def _start_seconds() -> Optional[float]:
+    """This process's start, in seconds on the boot clock (/proc/self/stat's field 22), read once
+    per process (a forked child reads its own): uptime() is asked at every step's progress record."""
+    global _started
+    if _started[0] != os.getpid():
+        try:
+            with open("/proc/self/stat") as f:
+                ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+            _started = (os.getpid(), ticks / os.sysconf("SC_CLK_TCK"))
+        except (OSError, ValueError, IndexError):
+            _started = (os.getpid(), None)
+    return _started[1]
 
 
 def uptime() -> Optional[float]:
     """Seconds this process has lived, on the boot clock (monotonic: a wall-clock jump does not
     move it); None where /proc cannot tell."""
-    ticks = _start_ticks()
+    start = _start_seconds()
     try:
-        return None if ticks is None else round(time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"), 3)
-    except (OSError, ValueError, AttributeError):
+        return None if start is None else round(time.clock_gettime(time.CLOCK_BOOTTIME) - start, 3)
+    except (OSError, AttributeError):
         return None
 
 

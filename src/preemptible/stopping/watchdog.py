@@ -193,7 +193,6 @@ class Watcher:
         self._fd: Optional[int] = None  # this rank's beat file, rewritten in place (no new blocks: a full disk)
         self._peers: dict[str, tuple[str, float]] = {}  # file name -> (content, when it last changed)
         self._woke = time.monotonic()  # when the thread last woke from its poll
-        self.stopped_for = 0.0  # seconds this process spent stopped (suspended) while watched
 
     def start(self) -> "Watcher":
         if self.world_size > 1:
@@ -250,7 +249,6 @@ class Watcher:
             return
         heartbeat.suspended(gap)
         self._peers = {name: (content, seen + gap) for name, (content, seen) in self._peers.items()}
-        self.stopped_for += gap
         log.warning("rank %d: this process was stopped for %.1fs (a suspension: SIGSTOP, a SLURM suspend, a paused "
                     "machine); the watchdog does not count it as a hang", self.ender.rank, gap)
 
@@ -265,7 +263,7 @@ class Watcher:
             os.pwrite(self._fd, f"{self._token}:{count}".ljust(BEAT_WIDTH).encode(), 0)
             self._written = count
         except OSError:
-            pass  # a full disk: peers see no progress here only if this rank makes none either
+            pass  # no room for the file's first block (a full disk): peers go without this rank's beats
 
     def _tick(self) -> None:
         count = heartbeat.count()
